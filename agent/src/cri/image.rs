@@ -1,0 +1,1 @@
+//! OCI image import into containerd 1.6.

@@ -1,0 +1,3 @@
+//! containerd: images, containers, tasks and the event stream.
+
+pub mod image;

@@ -1,0 +1,10 @@
+//! weir-agent: makes a node match the pods it is given.
+//!
+//! Modules by concern: `cri` talks to containerd (images, containers, tasks,
+//! events), `net` does pod networking through netlink, `dataplane` loads and
+//! adopts the eBPF programs and pinned maps, `pod` runs the per-pod lifecycle,
+//! `standalone` turns a manifest directory into desired pods, `http` serves
+//! metrics, pod status and logs.
+
+pub mod cri;
+pub mod net;

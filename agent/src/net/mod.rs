@@ -1,0 +1,1 @@
+//! Pod networking through netlink: netns, veth, addresses, routes, IPAM.
