@@ -2,7 +2,6 @@
 //! aya-build, so `cargo build` of the agent always embeds current programs.
 use anyhow::{Context as _, anyhow};
 
-
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

@@ -6,5 +6,11 @@
 //! `standalone` turns a manifest directory into desired pods, `http` serves
 //! metrics, pod status and logs.
 
+pub mod cgroup;
 pub mod cri;
+pub mod dataplane;
+pub mod http;
 pub mod net;
+pub mod pod;
+pub mod standalone;
+pub mod state;

@@ -1,1 +1,275 @@
-fn main() {}
+//! weir-agent: runs a node's pods through containerd, wires their network
+//! with netlink and counts their traffic in eBPF.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use weir_agent::{
+    cgroup::Layout,
+    cri::{self, Runtime, events},
+    dataplane::Dataplane,
+    http,
+    net::{Cidr, Network, NodeNetConfig},
+    pod::{self, Manager},
+    standalone,
+    state::StateDir,
+};
+
+/// weir's node agent.
+///
+/// Runs the pods of one node: each pod gets a network namespace with a veth
+/// and an IP from the node's pod CIDR, its containers run through containerd
+/// (runc) in the agent's own containerd namespace, and eBPF programs on each
+/// pod's veth count its traffic. Until the control plane exists the agent
+/// runs in standalone mode: the Pod manifests in --manifest-dir are the
+/// node's pods (add a file to start, change it to replace, remove it to stop).
+///
+/// Killing the agent leaves pods, addresses and pinned eBPF state in place;
+/// the next start adopts them without restarting anything.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Node name; names the containerd namespace, state, logs and bpffs dirs.
+    #[arg(long, env = "WEIR_NODE_NAME")]
+    node_name: String,
+
+    /// Network namespace to run in (the node's), entered before anything
+    /// else. Without it the agent uses its own (production hosts).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+
+    /// The node's IP, reported as the pods' hostIP.
+    #[arg(long)]
+    node_ip: Option<String>,
+
+    /// containerd's socket.
+    #[arg(
+        long,
+        default_value = "/run/containerd/containerd.sock",
+        value_name = "PATH"
+    )]
+    containerd_socket: PathBuf,
+
+    /// containerd namespace for this node's containers (and the pods'
+    /// cgroup parent). Default: weir-<node-name>.
+    #[arg(long)]
+    containerd_namespace: Option<String>,
+
+    /// This node's pod CIDR (a /24 of the cluster CIDR).
+    #[arg(long, value_name = "CIDR")]
+    pod_cidr: Cidr,
+
+    /// The cluster's pod CIDR; kept behind an `unreachable` route.
+    #[arg(long, default_value = "10.244.0.0/16", value_name = "CIDR")]
+    cluster_cidr: Cidr,
+
+    /// The service CIDR; kept behind an `unreachable` route.
+    #[arg(long, default_value = "10.96.0.0/16", value_name = "CIDR")]
+    service_cidr: Cidr,
+
+    /// Directory of Pod manifests (standalone mode).
+    #[arg(long, value_name = "DIR")]
+    manifest_dir: PathBuf,
+
+    /// Directory of OCI image tarballs, imported at start and whenever a pod
+    /// needs an image that is not present (weir never pulls).
+    #[arg(long, value_name = "DIR")]
+    image_dir: Option<PathBuf>,
+
+    /// Local state (IPAM leases, pod records). Default: /var/lib/weir/<node>.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Container logs. Default: /var/log/weir/<node>.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+
+    /// Runtime files (pod netns mounts, hosts files). Default: /run/weir.
+    #[arg(long, default_value = "/run/weir", value_name = "DIR")]
+    run_dir: PathBuf,
+
+    /// bpffs mount; weir pins under <bpffs>/weir/<node>/.
+    #[arg(long, default_value = "/sys/fs/bpf", value_name = "DIR")]
+    bpffs: PathBuf,
+
+    /// cgroupfs mount.
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    cgroupfs: PathBuf,
+
+    /// Address for /metrics, pod status and logs (inside the node netns).
+    #[arg(long, default_value = "0.0.0.0:10250")]
+    listen: SocketAddr,
+
+    /// First restart back-off after a container crash (doubles each time).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    backoff_initial: Duration,
+
+    /// Restart back-off cap.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    backoff_max: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    // setns() moves only the calling thread: enter the node's netns before
+    // the runtime spawns its workers, so every thread starts there.
+    if let Some(ns) = &args.netns {
+        let f =
+            std::fs::File::open(ns).with_context(|| format!("open node netns {}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("enter node netns {}", ns.display()))?;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let node = args.node_name.clone();
+    let ns = args
+        .containerd_namespace
+        .clone()
+        .unwrap_or_else(|| format!("weir-{node}"));
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/weir").join(&node));
+    let log_dir = args
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/log/weir").join(&node));
+    let state = StateDir::open(&state_dir)?;
+    let net = Network::open(NodeNetConfig {
+        node_name: node.clone(),
+        pod_cidr: args.pod_cidr,
+        cluster_cidr: args.cluster_cidr,
+        service_cidr: args.service_cidr,
+        state_dir: state_dir.clone(),
+        netns_dir: args.run_dir.join("netns").join(&node),
+    })
+    .await
+    .context("set up node network")?;
+    let dp = Dataplane::load(&args.bpffs, &node).context("load eBPF dataplane")?;
+    let channel = cri::connect(&args.containerd_socket)?;
+    let rt = Runtime::new(channel.clone(), ns.clone());
+    let cgroups = Layout::detect(&args.cgroupfs);
+    tracing::info!(node, containerd_namespace = %ns, cgroups = ?cgroups, "weir-agent starting");
+    let mgr = Manager::new(
+        pod::Config {
+            node: node.clone(),
+            node_ip: args.node_ip.clone(),
+            log_dir,
+            run_dir: args.run_dir.join(&node),
+            image_dir: args.image_dir.clone(),
+            backoff_initial: args.backoff_initial,
+            backoff_max: args.backoff_max,
+        },
+        rt,
+        net,
+        dp,
+        state,
+        cgroups,
+    );
+    let cancel = CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(events::follow(
+        channel.clone(),
+        ns.clone(),
+        tx,
+        cancel.clone(),
+    ));
+    let dispatch = mgr.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            dispatch.dispatch(ev);
+        }
+    });
+    wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
+    pod::import_images_now(&mgr).await;
+    mgr.adopt().await;
+    let http_task = tokio::spawn(http::serve(
+        args.listen,
+        mgr.clone(),
+        node.clone(),
+        cancel.clone(),
+    ));
+    let watch = tokio::spawn(standalone::run(
+        args.manifest_dir.clone(),
+        mgr.clone(),
+        cancel.clone(),
+    ));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        r = http_task => {
+            r.context("http task")?.context("serve http")?;
+        }
+    }
+    // Pods, their networks and pinned eBPF state stay: the next agent adopts them.
+    tracing::info!("weir-agent stopping; pods keep running");
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
+    Ok(())
+}
+
+/// Waits (with a clear log line, never crashing) until containerd answers.
+async fn wait_for_containerd(
+    channel: &tonic::transport::Channel,
+    socket: &std::path::Path,
+    cancel: &CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let v =
+            containerd_client::services::v1::version_client::VersionClient::new(channel.clone())
+                .version(())
+                .await;
+        match v {
+            Ok(v) => {
+                tracing::info!(version = %v.into_inner().version, "containerd is up");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(socket = %socket.display(), error = %e.message(), retry_in = ?delay, "containerd is not reachable; retrying");
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

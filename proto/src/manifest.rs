@@ -1,1 +1,222 @@
-//! Manifest parsing and validation.
+//! Manifest parsing and validation: Kubernetes-shaped YAML in, validated
+//! k8s-openapi Pods out.
+//!
+//! A document goes through three steps. The raw JSON is walked against the
+//! field table ([`POD_FIELDS`], rendered for the README by
+//! [`field_table_markdown`]): every field is used, accepted with a warning,
+//! or refused with a reason, and a field Kubernetes does not know is refused
+//! (k8s-openapi would silently ignore it). Then the JSON becomes a
+//! `k8s_openapi` Pod, and its values are checked (names, ports, quantities)
+//! and defaulted as Kubernetes does.
+
+mod names;
+mod pod;
+mod quantity;
+mod table;
+mod walk;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Map, Value};
+
+pub use quantity::{parse_cpu_millis, parse_memory_bytes};
+pub use table::{FieldClass, FieldRule, Inert, POD_FIELDS, Shape, field_table_markdown};
+
+/// The refusal for any kind other than Pod.
+const POD_ONLY: &str = "is not supported here (weir-agent standalone mode runs Pods)";
+
+/// One parsed, validated Pod plus the warnings for fields weir accepts but ignores.
+#[derive(Debug, Clone)]
+pub struct ValidPod {
+    /// The Pod with Kubernetes defaults applied and `status` dropped.
+    pub pod: Pod,
+    /// One line per ignored field: `<source>: <field>: ignored: <why>`.
+    pub warnings: Vec<String>,
+    /// Parsed resources of each container, in the order of `spec.containers`.
+    pub limits: Vec<ContainerResources>,
+}
+
+/// Parsed resources of one container (same order as spec.containers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerResources {
+    /// `requests.cpu` in millicores (defaulted to the limit when only that is set).
+    pub cpu_request_millis: Option<u64>,
+    /// `limits.cpu` in millicores.
+    pub cpu_limit_millis: Option<u64>,
+    /// `requests.memory` in bytes (defaulted to the limit when only that is set).
+    pub memory_request_bytes: Option<u64>,
+    /// `limits.memory` in bytes.
+    pub memory_limit_bytes: Option<u64>,
+}
+
+/// Why a manifest was refused. Display is one line: `<source>: <field>: <reason>`.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The text is not valid YAML.
+    #[error("{file}: invalid YAML: {reason}")]
+    Yaml {
+        /// The file name given by the caller.
+        file: String,
+        /// The parser's message, on one line.
+        reason: String,
+    },
+    /// A document as a whole is unusable (not a mapping, or not a Pod k8s-openapi reads).
+    #[error("{file}: {reason}")]
+    Document {
+        /// The file name given by the caller, with the document number when there are several.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// One field is refused.
+    #[error("{file}: {field}: {reason}")]
+    Invalid {
+        /// The file name given by the caller, with the document number when there are several.
+        file: String,
+        /// Kubernetes-style field path, e.g. `spec.containers[1].ports[0].containerPort`.
+        field: String,
+        /// What is wrong and, where it helps, what to write instead.
+        reason: String,
+    },
+}
+
+/// Split a (possibly multi-document, `---` separated) YAML text into JSON
+/// values; empty documents skipped. `source` is the file name used in errors.
+pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Value>, ManifestError> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    serde_saphyr::from_multiple_with_options::<Value>(text, options).map_err(|e| {
+        ManifestError::Yaml {
+            file: source.to_owned(),
+            reason: e
+                .to_string()
+                // Advice to the programmer, not to whoever wrote the manifest.
+                .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    })
+}
+
+/// Validate one document that must be `apiVersion: v1`, `kind: Pod`, and apply
+/// Kubernetes defaulting (namespace `default`, restartPolicy `Always`,
+/// terminationGracePeriodSeconds 30, port protocol `TCP`, requests from limits).
+/// Defaults of ignored fields (dnsPolicy, imagePullPolicy, ...) are not applied.
+pub fn validate_pod(source: &str, doc: &Value) -> Result<ValidPod, ManifestError> {
+    let invalid = |field: &str, reason: String| ManifestError::Invalid {
+        file: source.to_owned(),
+        field: field.to_owned(),
+        reason,
+    };
+    let Value::Object(map) = doc else {
+        return Err(ManifestError::Document {
+            file: source.to_owned(),
+            reason: "a document must be a mapping with apiVersion, kind, metadata and spec"
+                .to_owned(),
+        });
+    };
+    // Kind first, so a Deployment is refused as such rather than field by field.
+    match map.get("kind") {
+        None | Some(Value::Null) => return Err(invalid("kind", "required".to_owned())),
+        Some(Value::String(kind)) if kind == "Pod" => {}
+        Some(Value::String(kind)) => {
+            return Err(invalid("kind", format!("kind {kind} {POD_ONLY}")));
+        }
+        Some(other) => return Err(invalid("kind", format!("must be a string, got {other}"))),
+    }
+    match map.get("apiVersion") {
+        None | Some(Value::Null) => return Err(invalid("apiVersion", "required".to_owned())),
+        Some(Value::String(v)) if v == "v1" => {}
+        Some(other) => {
+            return Err(invalid(
+                "apiVersion",
+                format!("{other} is not valid for kind Pod: expected \"v1\""),
+            ));
+        }
+    }
+
+    let mut map = map.clone();
+    let walked = walk::walk(source, &mut map)?;
+    let mut pod = to_pod(source, &map, &walked.kept_warned)?;
+    let mut warnings = walked.warnings;
+    let limits = pod::check_and_default(source, &mut pod, &mut warnings)?;
+    Ok(ValidPod {
+        pod,
+        warnings,
+        limits,
+    })
+}
+
+/// [`parse_documents`] + [`validate_pod`] for every document; a document of
+/// another kind is refused with "kind X is not supported here (weir-agent
+/// standalone mode runs Pods)". With several documents, errors and warnings
+/// name the document: `pods.yaml (document 2)`.
+pub fn parse_pods(source: &str, text: &str) -> Result<Vec<ValidPod>, ManifestError> {
+    let docs = parse_documents(source, text)?;
+    let several = docs.len() > 1;
+    docs.iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            if several {
+                validate_pod(&format!("{source} (document {})", i + 1), doc)
+            } else {
+                validate_pod(source, doc)
+            }
+        })
+        .collect()
+}
+
+/// The path of a map entry: `parent.key` for plain keys, `parent[key]` for
+/// keys with dots or slashes (`metadata.labels[app.kubernetes.io/name]`).
+fn key_path(parent: &str, key: &str) -> String {
+    let plain = key
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        format!("{parent}.{key}")
+    } else {
+        format!("{parent}[{key}]")
+    }
+}
+
+/// Deserialises the walked document. The walk checked every used field, so a
+/// failure lies in a warned field k8s-openapi still parses; find which one by
+/// dropping each in turn, to name it in the error.
+fn to_pod(
+    file: &str,
+    map: &Map<String, Value>,
+    kept_warned: &[(String, String)],
+) -> Result<Pod, ManifestError> {
+    let doc = Value::Object(map.clone());
+    let err = match serde_json::from_value::<Pod>(doc.clone()) {
+        Ok(pod) => return Ok(pod),
+        Err(e) => e,
+    };
+    for (field, pointer) in kept_warned {
+        let mut without = doc.clone();
+        let Some((parent, key)) = pointer.rsplit_once('/') else {
+            continue;
+        };
+        let key = key.replace("~1", "/").replace("~0", "~");
+        if let Some(Value::Object(m)) = without.pointer_mut(parent) {
+            m.remove(&key);
+        }
+        if serde_json::from_value::<Pod>(without).is_ok() {
+            return Err(ManifestError::Invalid {
+                file: file.to_owned(),
+                field: field.clone(),
+                reason: err.to_string(),
+            });
+        }
+    }
+    Err(ManifestError::Document {
+        file: file.to_owned(),
+        reason: format!("not a valid Pod: {err}"),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,660 @@
-//! Test harness.
+//! End-to-end test harness: a private containerd, a host bridge and node
+//! network namespaces, real weir-agent processes, and probes that observe
+//! the result from outside (HTTP, `ip`, cgroupfs, bpffs).
+//!
+//! Everything a [`Cluster`] creates carries its tag and is removed when it
+//! drops, even when the test failed. Clusters are serialized by a process-
+//! wide lock: they share the host's `unreachable` routes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Cluster CIDR and service CIDR kept behind `unreachable` routes on the host.
+pub const GUARDED_CIDRS: [&str; 2] = ["10.244.0.0/16", "10.96.0.0/16"];
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The weir-agent binary (built by `cargo xtask test` / `cargo build`).
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WEIR_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace().join("target/debug/weir-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p weir-agent` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// The directory holding the busybox OCI image tarball.
+pub fn image_dir() -> PathBuf {
+    let d = workspace().join("target/images");
+    assert!(
+        d.join("busybox.tar").exists(),
+        "{} is missing: run `cargo xtask image` (cargo xtask test does)",
+        d.join("busybox.tar").display()
+    );
+    d
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command, ignoring failure (cleanup).
+pub fn sh_quiet(cmd: &str, args: &[&str]) {
+    let _ = Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Polls `f` until it returns Some, or fails after `limit` with `what`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .with_context(|| format!("read from {addr}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A private containerd (own root, state and socket).
+pub struct Containerd {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    /// Starts one under `dir` and waits until it answers.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n",
+                dir.display(),
+                socket.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd (apt-get install containerd runc)")?;
+        let me = Self {
+            child,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        wait_for("containerd socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&me.socket).ok()
+        })?;
+        Ok(me)
+    }
+
+    /// `ctr` against this containerd, as an independent observer.
+    pub fn ctr(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let sock = self.socket.display().to_string();
+        let mut all = vec!["-a", sock.as_str(), "-n", ns];
+        all.extend_from_slice(args);
+        sh("ctr", &all)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Shims of this containerd outlive it: end them too.
+        sh_quiet(
+            "pkill",
+            &[
+                "-9",
+                "-f",
+                &format!(
+                    "containerd-shim-runc-v2.*-address {}",
+                    self.socket.display()
+                ),
+            ],
+        );
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            sh_quiet("umount", &["-l", m]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One node: a network namespace on the cluster's bridge and its agent.
+pub struct Node {
+    /// Node name (also its netns name).
+    pub name: String,
+    /// Node IP on the bridge.
+    pub ip: Ipv4Addr,
+    /// Pod CIDR.
+    pub pod_cidr: String,
+    /// Manifest directory the agent watches.
+    pub manifests: PathBuf,
+    /// Agent's state, logs and run dirs live under here.
+    pub dir: PathBuf,
+    agent: Option<Child>,
+    socket: PathBuf,
+    /// Extra agent flags.
+    pub agent_args: Vec<String>,
+}
+
+impl Node {
+    /// Where the node's netns is bind-mounted.
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// The containerd namespace the agent uses.
+    pub fn containerd_ns(&self) -> String {
+        format!("weir-{}", self.name)
+    }
+
+    /// The agent's own log file.
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log_text(&self) -> String {
+        std::fs::read_to_string(self.agent_log()).unwrap_or_default()
+    }
+
+    /// Starts weir-agent in the node's netns (the agent enters it itself).
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
+        let child = Command::new(agent_bin())
+            .args(["--node-name", &self.name, "--netns", &self.netns_path()])
+            .args([
+                "--node-ip",
+                &self.ip.to_string(),
+                "--pod-cidr",
+                &self.pod_cidr,
+            ])
+            .arg("--containerd-socket")
+            .arg(&self.socket)
+            .arg("--manifest-dir")
+            .arg(&self.manifests)
+            .arg("--image-dir")
+            .arg(image_dir())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--log-dir")
+            .arg(self.dir.join("logs"))
+            .args(&self.agent_args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start weir-agent")?;
+        self.agent = Some(child);
+        let addr = self.api();
+        wait_for("agent API", Duration::from_secs(30), || {
+            http_get(addr, "/healthz", Duration::from_secs(1)).ok()
+        })
+        .with_context(|| format!("agent log tail:\n{}", tail(&self.agent_log_text(), 30)))?;
+        Ok(())
+    }
+
+    /// SIGKILLs the agent (pods keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The agent's API address.
+    pub fn api(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 10250))
+    }
+
+    /// Writes a manifest into the watched directory (atomically).
+    pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Removes a manifest.
+    pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// The agent's pod list.
+    pub fn pods(&self) -> anyhow::Result<Vec<Value>> {
+        let (code, body) = http_get(self.api(), "/api/v1/pods", Duration::from_secs(5))?;
+        if code != 200 {
+            bail!("GET /api/v1/pods: {code} {body}");
+        }
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// One pod by name (namespace default).
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        self.pods()
+            .ok()?
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
+    }
+
+    /// Waits until pod `name` satisfies `f`.
+    pub fn wait_pod(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        wait_for(&format!("pod {name}: {what}"), limit, || {
+            self.pod(name).filter(|p| f(p))
+        })
+        .with_context(|| {
+            format!(
+                "last seen: {}\nagent log tail:\n{}",
+                self.pod(name)
+                    .map(|p| p["status"].to_string())
+                    .unwrap_or_default(),
+                tail(&self.agent_log_text(), 30)
+            )
+        })
+    }
+
+    /// Waits until pod `name` runs with every container ready; returns its IP.
+    pub fn wait_running(&self, name: &str, limit: Duration) -> anyhow::Result<Ipv4Addr> {
+        let p = self.wait_pod(name, "Running and Ready", limit, |p| {
+            p["status"]["phase"] == "Running"
+                && p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })?;
+        Ok(p["status"]["podIP"].as_str().context("podIP")?.parse()?)
+    }
+
+    /// Runs a command inside the node's netns (as an observer).
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        let net = format!("--net={}", self.netns_path());
+        let mut all = vec![net.as_str()];
+        all.extend_from_slice(args);
+        sh("nsenter", &all)
+    }
+
+    /// The agent's metrics text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.api(), "/metrics", Duration::from_secs(5))?.1)
+    }
+}
+
+/// Last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A host bridge, a private containerd and N nodes.
+pub struct Cluster {
+    /// Short unique tag in every name.
+    pub tag: String,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// The containerd.
+    pub containerd: Containerd,
+    bridge: String,
+    subnet: u8,
+    dir: PathBuf,
+    added_guards: Vec<&'static str>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Sets up `nodes` nodes (without starting agents). `subnet` picks
+    /// 10.250.<subnet>.0/24 for the bridge and 10.244.<subnet*4+i>.0/24 for
+    /// node i's pods.
+    pub fn new(tag: &str, subnet: u8, nodes: usize) -> anyhow::Result<Self> {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = PathBuf::from(format!("/tmp/weir-e2e-{tag}"));
+        let bridge = format!("wt{tag}br");
+        // Leftovers of a crashed earlier run of the same test.
+        cleanup_names(tag, &bridge, &dir);
+        std::fs::create_dir_all(&dir)?;
+        let containerd = Containerd::start(&dir.join("containerd"))?;
+        let mut c = Self {
+            tag: tag.to_owned(),
+            nodes: Vec::new(),
+            containerd,
+            bridge: bridge.clone(),
+            subnet,
+            dir: dir.clone(),
+            added_guards: Vec::new(),
+            _serial: serial,
+        };
+        for cidr in GUARDED_CIDRS {
+            let present = sh("ip", &["route", "show", "type", "unreachable", cidr])
+                .is_ok_and(|s| !s.trim().is_empty());
+            if !present {
+                sh("ip", &["route", "add", "unreachable", cidr])?;
+                c.added_guards.push(cidr);
+            }
+        }
+        sh("ip", &["link", "add", &bridge, "type", "bridge"])?;
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.250.{subnet}.1/24"),
+                "dev",
+                &bridge,
+            ],
+        )?;
+        sh("ip", &["link", "set", &bridge, "up"])?;
+        for i in 0..nodes {
+            c.add_node(i)?;
+        }
+        Ok(c)
+    }
+
+    fn add_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let idx = u8::try_from(i).context("node index")?;
+        let name = format!("wt{}-n{}", self.tag, i + 1);
+        let ip = Ipv4Addr::new(10, 250, self.subnet, idx + 2);
+        let pod_net = self.subnet * 4 + idx;
+        let pod_cidr = format!("10.244.{pod_net}.0/24");
+        let host_if = format!("wt{}h{}", self.tag, i + 1);
+        sh("ip", &["netns", "add", &name])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ],
+        )?;
+        sh(
+            "ip",
+            &["link", "set", &host_if, "master", &self.bridge, "up"],
+        )?;
+        let n = |args: &[&str]| {
+            let mut all = vec!["-n", name.as_str()];
+            all.extend_from_slice(args);
+            sh("ip", &all)
+        };
+        n(&["link", "set", "lo", "up"])?;
+        n(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        n(&["link", "set", "eth0", "up"])?;
+        n(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.250.{}.1", self.subnet),
+        ])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        sh("ip", &["route", "add", &pod_cidr, "via", &ip.to_string()])?;
+        let dir = self.dir.join(&name);
+        let manifests = dir.join("manifests");
+        std::fs::create_dir_all(&manifests)?;
+        self.nodes.push(Node {
+            name,
+            ip,
+            pod_cidr,
+            manifests,
+            dir,
+            agent: None,
+            socket: self.containerd.socket.clone(),
+            agent_args: vec![
+                "--backoff-initial".into(),
+                "1s".into(),
+                "--backoff-max".into(),
+                "4s".into(),
+            ],
+        });
+        Ok(())
+    }
+
+    /// Node `i`.
+    pub fn node(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+}
+
+fn cleanup_names(tag: &str, bridge: &str, dir: &Path) {
+    for i in 1..=4 {
+        let name = format!("wt{tag}-n{i}");
+        sh_quiet("ip", &["netns", "del", &name]);
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/weir/{name}"));
+        sh_quiet("ip", &["link", "del", &format!("wt{tag}h{i}")]);
+    }
+    sh_quiet("ip", &["link", "del", bridge]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Let each agent tear its pods down the way a user would: remove the
+        // manifests and wait for the pods to go.
+        for n in &mut self.nodes {
+            if let Ok(entries) = std::fs::read_dir(&n.manifests) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            if n.agent.is_none() {
+                let _ = n.start_agent();
+            }
+        }
+        for n in &mut self.nodes {
+            let _ = wait_for("pods gone", Duration::from_secs(30), || {
+                n.pods().ok().filter(Vec::is_empty)
+            });
+            n.kill_agent();
+        }
+        // Whatever is left (a failed test) goes by force.
+        for n in &self.nodes {
+            let _ = self.containerd.ctr(&n.containerd_ns(), &["tasks", "ls"]);
+            let netns_dir = Path::new("/run/weir/netns");
+            for p in n
+                .dir
+                .join("state/pods")
+                .read_dir()
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(uid) = p.path().file_stem().and_then(|s| s.to_str()) {
+                    sh_quiet(
+                        "umount",
+                        &["-l", &netns_dir.join(uid).display().to_string()],
+                    );
+                    let _ = std::fs::remove_file(netns_dir.join(uid));
+                }
+            }
+            for ctrl in [
+                "cpu",
+                "cpuacct",
+                "memory",
+                "pids",
+                "devices",
+                "freezer",
+                "blkio",
+                "cpuset",
+                "systemd",
+                "unified",
+                "perf_event",
+                "net_cls",
+                "net_prio",
+                "hugetlb",
+                "rdma",
+                "misc",
+            ] {
+                remove_cgroup_tree(
+                    &Path::new("/sys/fs/cgroup")
+                        .join(ctrl)
+                        .join(n.containerd_ns()),
+                );
+            }
+            remove_cgroup_tree(&Path::new("/sys/fs/cgroup").join(n.containerd_ns()));
+            sh_quiet("ip", &["route", "del", &n.pod_cidr]);
+        }
+        cleanup_names(&self.tag, &self.bridge, Path::new("/nonexistent"));
+        for cidr in &self.added_guards {
+            sh_quiet("ip", &["route", "del", "unreachable", cidr]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// A busybox HTTP server pod serving `body` on `port`.
+pub fn web_pod(name: &str, port: u16, body: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels:
+    app: {name}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: busybox
+    command: ["sh", "-c", "mkdir -p /srv && echo {body} > /srv/index.html && exec httpd -f -v -p {port} -h /srv"]
+    ports:
+    - containerPort: {port}
+"#
+    )
+}

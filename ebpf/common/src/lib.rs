@@ -84,11 +84,26 @@ mod tests {
 
     #[test]
     fn counters_add_per_field() {
-        let a = TrafficCounters { rx_packets: 1, rx_bytes: 2, tx_packets: 3, tx_bytes: 4 };
-        let b = TrafficCounters { rx_packets: 10, rx_bytes: 20, tx_packets: 30, tx_bytes: 40 };
+        let a = TrafficCounters {
+            rx_packets: 1,
+            rx_bytes: 2,
+            tx_packets: 3,
+            tx_bytes: 4,
+        };
+        let b = TrafficCounters {
+            rx_packets: 10,
+            rx_bytes: 20,
+            tx_packets: 30,
+            tx_bytes: 40,
+        };
         assert_eq!(
             a.add(b),
-            TrafficCounters { rx_packets: 11, rx_bytes: 22, tx_packets: 33, tx_bytes: 44 }
+            TrafficCounters {
+                rx_packets: 11,
+                rx_bytes: 22,
+                tx_packets: 33,
+                tx_bytes: 44
+            }
         );
     }
 }

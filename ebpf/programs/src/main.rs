@@ -43,7 +43,9 @@ enum Direction {
 fn count(ctx: &TcContext, dir: Direction) {
     // SAFETY: the kernel hands the program a valid __sk_buff for its lifetime.
     let skb = unsafe { &*ctx.skb.skb };
-    let key = TrafficKey { ifindex: skb.ifindex };
+    let key = TrafficKey {
+        ifindex: skb.ifindex,
+    };
     let len = u64::from(skb.len);
     let ptr = WEIR_TRAFFIC_V1.get_ptr_mut(&key);
     match ptr {

@@ -1,0 +1,311 @@
+//! The agent's HTTP endpoint: Prometheus metrics, pod status (Kubernetes
+//! Pod JSON) and container logs that can be followed.
+//!
+//! - `GET /metrics`
+//! - `GET /api/v1/pods`, `GET /api/v1/namespaces/{ns}/pods/{name}`
+//! - `GET /api/v1/namespaces/{ns}/pods/{name}/log?container=C&follow=true`
+//! - `GET /healthz`
+
+use std::{net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::pod::Manager;
+
+#[derive(Clone)]
+struct App {
+    mgr: Manager,
+    node: String,
+}
+
+/// Serves the endpoint on `addr` until `cancel`.
+pub async fn serve(
+    addr: SocketAddr,
+    mgr: Manager,
+    node: String,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/pods", get(pods))
+        .route("/api/v1/namespaces/{ns}/pods/{name}", get(pod))
+        .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(logs))
+        .with_state(App { mgr, node });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics, pods and logs");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+async fn pods(State(app): State<App>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"apiVersion": "v1", "kind": "PodList", "items": app.mgr.pods()}))
+}
+
+fn find(app: &App, ns: &str, name: &str) -> Option<k8s_openapi::api::core::v1::Pod> {
+    app.mgr.pods().into_iter().find(|p| {
+        p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
+    })
+}
+
+async fn pod(State(app): State<App>, Path((ns, name)): Path<(String, String)>) -> Response {
+    match find(&app, &ns, &name) {
+        Some(p) => Json(p).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("pods \"{name}\" not found in namespace \"{ns}\"\n"),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    container: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(app): State<App>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let Some(pod) = find(&app, &ns, &name) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("pods \"{name}\" not found in namespace \"{ns}\"\n"),
+        )
+            .into_response();
+    };
+    let names: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| c.name.clone())
+        .collect();
+    let container = match (q.container, names.as_slice()) {
+        (Some(c), _) if names.contains(&c) => c,
+        (Some(c), _) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("container {c} is not valid for pod {name}\n"),
+            )
+                .into_response();
+        }
+        (None, [only]) => only.clone(),
+        (None, _) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "a container name must be specified for pod {name}, choose one of: {names:?}\n"
+                ),
+            )
+                .into_response();
+        }
+    };
+    let Some(path) = app.mgr.log_path(&ns, &name, &container) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let follow = q.follow;
+    let stream = async_stream(path, follow);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The file's content, then (when following) what is appended to it.
+fn async_stream(
+    path: std::path::PathBuf,
+    follow: bool,
+) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> {
+    futures::stream::unfold(
+        (None::<tokio::fs::File>, 0u64, path),
+        move |(file, pos, path)| async move {
+            let mut file = match file {
+                Some(f) => f,
+                None => match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return None,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return Some((Ok(Vec::new()), (None, pos, path)));
+                    }
+                    Err(e) => return Some((Err(e), (None, pos, path))),
+                },
+            };
+            loop {
+                if file.seek(std::io::SeekFrom::Start(pos)).await.is_err() {
+                    return None;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                match file.read(&mut buf).await {
+                    Ok(0) if !follow => return None,
+                    Ok(0) => {
+                        if !path.exists() {
+                            return None; // the pod is gone
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        let next = pos + n as u64;
+                        return Some((Ok(buf), (Some(file), next, path)));
+                    }
+                    Err(e) => return Some((Err(e), (Some(file), pos, path))),
+                }
+            }
+        },
+    )
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    node: String,
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainerLabels {
+    node: String,
+    namespace: String,
+    pod: String,
+    container: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    node: String,
+    phase: String,
+}
+
+/// Renders the metrics from current readings: the eBPF counters and the
+/// pods' cgroups are read at scrape time, nothing is cached.
+pub fn render(mgr: &Manager, node: &str) -> String {
+    let mut reg = Registry::default();
+    let rx_bytes = Family::<PodLabels, Counter>::default();
+    let rx_packets = Family::<PodLabels, Counter>::default();
+    let tx_bytes = Family::<PodLabels, Counter>::default();
+    let tx_packets = Family::<PodLabels, Counter>::default();
+    let cpu = Family::<PodLabels, Counter<f64, AtomicU64>>::default();
+    let mem = Family::<PodLabels, Gauge>::default();
+    let wss = Family::<PodLabels, Gauge>::default();
+    let restarts = Family::<ContainerLabels, Counter>::default();
+    let phases = Family::<PhaseLabels, Gauge>::default();
+    for p in mgr.pods() {
+        let labels = PodLabels {
+            node: node.to_owned(),
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            pod: p.metadata.name.clone().unwrap_or_default(),
+        };
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        let status = p.status.as_ref();
+        phases
+            .get_or_create(&PhaseLabels {
+                node: node.to_owned(),
+                phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+            })
+            .inc();
+        for cs in status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let l = ContainerLabels {
+                node: node.to_owned(),
+                namespace: labels.namespace.clone(),
+                pod: labels.pod.clone(),
+                container: cs.name.clone(),
+            };
+            restarts
+                .get_or_create(&l)
+                .inc_by(u64::try_from(cs.restart_count).unwrap_or(0));
+        }
+        if let Some(ifindex) = mgr.ifindex(&uid) {
+            let c = mgr.dataplane().counters(ifindex);
+            rx_bytes.get_or_create(&labels).inc_by(c.rx_bytes);
+            rx_packets.get_or_create(&labels).inc_by(c.rx_packets);
+            tx_bytes.get_or_create(&labels).inc_by(c.tx_bytes);
+            tx_packets.get_or_create(&labels).inc_by(c.tx_packets);
+        }
+        if let Some(u) = mgr.cgroups().usage(&format!("/{}/{uid}", mgr.namespace())) {
+            cpu.get_or_create(&labels).inc_by(u.cpu_seconds);
+            mem.get_or_create(&labels)
+                .set(i64::try_from(u.memory_bytes).unwrap_or(i64::MAX));
+            wss.get_or_create(&labels)
+                .set(i64::try_from(u.working_set_bytes).unwrap_or(i64::MAX));
+        }
+    }
+    reg.register(
+        "weir_pod_network_receive_bytes",
+        "Bytes delivered to the pod (eBPF, host-side veth egress)",
+        rx_bytes,
+    );
+    reg.register(
+        "weir_pod_network_receive_packets",
+        "Packets delivered to the pod",
+        rx_packets,
+    );
+    reg.register(
+        "weir_pod_network_transmit_bytes",
+        "Bytes sent by the pod (eBPF, host-side veth ingress)",
+        tx_bytes,
+    );
+    reg.register(
+        "weir_pod_network_transmit_packets",
+        "Packets sent by the pod",
+        tx_packets,
+    );
+    reg.register(
+        "weir_pod_cpu_usage_seconds",
+        "CPU time used by the pod's containers",
+        cpu,
+    );
+    reg.register(
+        "weir_pod_memory_usage_bytes",
+        "Memory used by the pod's cgroup",
+        mem,
+    );
+    reg.register(
+        "weir_pod_memory_working_set_bytes",
+        "Memory usage minus inactive file cache",
+        wss,
+    );
+    reg.register("weir_container_restarts", "Container restarts", restarts);
+    reg.register("weir_pods", "Pods on this node by phase", phases);
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let body = render(&app.mgr, &app.node);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}

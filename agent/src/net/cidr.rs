@@ -1,0 +1,152 @@
+//! IPv4 prefixes as they appear in configuration ("10.244.1.0/24").
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// An IPv4 network prefix. Parsing rejects host bits, so "10.244.1.5/24" is
+/// an error rather than silently meaning 10.244.1.0/24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    /// Network address (host bits are zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub prefix: u8,
+}
+
+/// Why a string is not a valid [`Cidr`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("parse CIDR {input:?}: {reason}")]
+pub struct CidrError {
+    /// The rejected input.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl Cidr {
+    /// Builds a prefix, rejecting a length above 32 or set host bits.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, CidrError> {
+        let cidr = Cidr { addr, prefix };
+        if prefix > 32 {
+            return Err(CidrError {
+                input: format!("{addr}/{prefix}"),
+                reason: "prefix length above 32",
+            });
+        }
+        if u32::from(addr) & !cidr.mask() != 0 {
+            return Err(CidrError {
+                input: format!("{addr}/{prefix}"),
+                reason: "host bits are set",
+            });
+        }
+        Ok(cidr)
+    }
+
+    /// The netmask as a host-order integer.
+    pub fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    /// Whether `ip` lies inside this prefix.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr)
+    }
+
+    /// The last address of the prefix (the broadcast address for a subnet).
+    pub fn last(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| CidrError {
+            input: s.to_owned(),
+            reason,
+        };
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| err("missing /prefix"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| err("bad IPv4 address"))?;
+        // u8::from_str accepts a leading '+'; a prefix is plain digits.
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err("bad prefix length"));
+        }
+        let prefix: u8 = prefix.parse().map_err(|_| err("bad prefix length"))?;
+        Cidr::new(addr, prefix).map_err(|e| err(e.reason))
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_displays() {
+        let c: Cidr = "10.244.1.0/24".parse().unwrap();
+        assert_eq!(c.addr, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.prefix, 24);
+        assert_eq!(c.to_string(), "10.244.1.0/24");
+        assert_eq!(c.last(), Ipv4Addr::new(10, 244, 1, 255));
+        assert!(c.contains(Ipv4Addr::new(10, 244, 1, 77)));
+        assert!(!c.contains(Ipv4Addr::new(10, 244, 2, 1)));
+
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(all.mask(), 0);
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+        let host: Cidr = "10.0.0.1/32".parse().unwrap();
+        assert_eq!(host.last(), host.addr);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        for bad in [
+            "10.244.1.0",
+            "10.244.1.0/",
+            "10.244.1.0/33",
+            "10.244.1.0/+24",
+            "10.244.1.0/-1",
+            "10.244.1.5/24",
+            "10.244.1/24",
+            "::1/128",
+            "",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad} parsed");
+        }
+        let e = "10.244.1.5/24".parse::<Cidr>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "parse CIDR \"10.244.1.5/24\": host bits are set"
+        );
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let c: Cidr = "10.96.0.0/16".parse().unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, "\"10.96.0.0/16\"");
+        assert_eq!(serde_json::from_str::<Cidr>(&json).unwrap(), c);
+    }
+}

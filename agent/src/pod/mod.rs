@@ -1,0 +1,377 @@
+//! Pods: one worker task per pod drives its network, containers, restarts
+//! and teardown; the [`Manager`] starts, adopts and stops workers and routes
+//! containerd's task events to them.
+
+pub mod status;
+mod worker;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    cgroup::Layout,
+    cri::{Runtime, events::TaskEvent},
+    dataplane::Dataplane,
+    net::Network,
+    state::{PodRecord, StateDir, now_unix},
+};
+
+/// Label keys on every containerd container weir creates.
+pub mod labels {
+    /// The pod uid.
+    pub const POD_UID: &str = "io.weir.pod.uid";
+    /// The pod name.
+    pub const POD_NAME: &str = "io.weir.pod.name";
+    /// The pod namespace.
+    pub const POD_NAMESPACE: &str = "io.weir.pod.namespace";
+    /// The container name.
+    pub const CONTAINER: &str = "io.weir.container.name";
+}
+
+/// Settings of the pod machinery.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Node name.
+    pub node: String,
+    /// The node's IP (for status.hostIP).
+    pub node_ip: Option<String>,
+    /// Container logs go under `<log_dir>/<ns>_<pod>_<uid>/<container>.log`.
+    pub log_dir: PathBuf,
+    /// Per-pod runtime files (hosts) under `<run_dir>/pods/<uid>/`.
+    pub run_dir: PathBuf,
+    /// Directory of OCI image tarballs to import.
+    pub image_dir: Option<PathBuf>,
+    /// First back-off delay after a crash.
+    pub backoff_initial: Duration,
+    /// Back-off cap.
+    pub backoff_max: Duration,
+}
+
+/// A pod the node should run.
+#[derive(Clone, Debug)]
+pub struct DesiredPod {
+    /// Pod uid (stable for an unchanged manifest).
+    pub uid: String,
+    /// Where it came from.
+    pub source: String,
+    /// The validated pod.
+    pub pod: Pod,
+}
+
+enum Msg {
+    Task(TaskEvent),
+    Resync,
+    Stop(oneshot::Sender<()>),
+}
+
+struct Handle {
+    tx: mpsc::UnboundedSender<Msg>,
+    stopping: bool,
+}
+
+pub(crate) struct Shared {
+    cfg: Config,
+    rt: Runtime,
+    net: Network,
+    dp: Dataplane,
+    state: StateDir,
+    cgroups: Layout,
+    workers: Mutex<HashMap<String, Handle>>,
+    routes: Mutex<HashMap<String, String>>,
+    views: RwLock<BTreeMap<String, Pod>>,
+    ifindexes: RwLock<HashMap<String, u32>>,
+    last_import: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// Starts, adopts and stops pod workers.
+#[derive(Clone)]
+pub struct Manager(Arc<Shared>);
+
+/// containerd id of a pod's container: short, unique per (pod, container).
+pub fn container_id(uid: &str, name: &str) -> String {
+    let h = Sha256::digest(uid.as_bytes());
+    let hex: String = h.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{name}")
+}
+
+impl Manager {
+    /// A manager over the node's runtime, network, dataplane and state.
+    pub fn new(
+        cfg: Config,
+        rt: Runtime,
+        net: Network,
+        dp: Dataplane,
+        state: StateDir,
+        cgroups: Layout,
+    ) -> Self {
+        Self(Arc::new(Shared {
+            cfg,
+            rt,
+            net,
+            dp,
+            state,
+            cgroups,
+            workers: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            views: RwLock::new(BTreeMap::new()),
+            ifindexes: RwLock::new(HashMap::new()),
+            last_import: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    /// Pods with their status, for the API.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.0
+            .views
+            .read()
+            .expect("views lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Traffic counters and cgroup of each pod, for metrics.
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.0.dp
+    }
+
+    /// The cgroup layout.
+    pub fn cgroups(&self) -> &Layout {
+        &self.0.cgroups
+    }
+
+    /// The containerd namespace (also the pods' cgroup parent).
+    pub fn namespace(&self) -> &str {
+        self.0.rt.namespace()
+    }
+
+    /// Log file of a container.
+    pub fn log_path(&self, namespace: &str, name: &str, container: &str) -> Option<PathBuf> {
+        let views = self.0.views.read().expect("views lock poisoned");
+        let pod = views.values().find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+        })?;
+        let uid = pod.metadata.uid.as_deref()?;
+        Some(self.0.log_path(namespace, name, uid, container))
+    }
+
+    /// Routes one containerd event to the worker that owns the container.
+    pub fn dispatch(&self, ev: TaskEvent) {
+        let workers = self.0.workers.lock().expect("workers lock poisoned");
+        match &ev {
+            TaskEvent::Resync => {
+                for h in workers.values() {
+                    let _ = h.tx.send(Msg::Resync);
+                }
+            }
+            TaskEvent::Exit { container_id, .. } | TaskEvent::Oom { container_id } => {
+                let routes = self.0.routes.lock().expect("routes lock poisoned");
+                if let Some(h) = routes.get(container_id).and_then(|uid| workers.get(uid)) {
+                    let _ = h.tx.send(Msg::Task(ev));
+                }
+            }
+        }
+    }
+
+    /// Adopts every pod recorded by an earlier agent (without restarting
+    /// anything that runs), then removes containers, networks and eBPF
+    /// state that belong to no recorded pod.
+    pub async fn adopt(&self) {
+        let records = self.0.state.load_all();
+        let uids: Vec<String> = records.iter().map(|r| r.uid.clone()).collect();
+        for rec in records {
+            tracing::info!(pod = %pod_key(&rec.pod), uid = %rec.uid, "adopting pod");
+            self.spawn(rec, true);
+        }
+        self.collect_garbage(&uids).await;
+    }
+
+    async fn collect_garbage(&self, uids: &[String]) {
+        let sh = &self.0;
+        match sh.rt.list_containers().await {
+            Ok(list) => {
+                for (id, labels) in list {
+                    let owner = labels.get(labels::POD_UID);
+                    if owner.is_some_and(|u| uids.contains(u)) {
+                        continue;
+                    }
+                    tracing::warn!(container = %id, "removing container of no known pod");
+                    let _ = sh.rt.kill(&id, 9, true).await;
+                    worker::wait_stopped(&sh.rt, &id, Duration::from_secs(5)).await;
+                    if let Err(e) = sh
+                        .rt
+                        .delete_task(&id)
+                        .await
+                        .and(sh.rt.delete_container(&id).await)
+                    {
+                        tracing::warn!(container = %id, error = %e, "cannot remove stale container");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list containers for garbage collection"),
+        }
+        for uid in sh.net.known_pods() {
+            if !uids.contains(&uid) {
+                tracing::warn!(uid, "removing network of no known pod");
+                if let Err(e) = sh.net.teardown_pod(&uid).await {
+                    tracing::warn!(uid, error = %e, "cannot remove stale pod network");
+                }
+            }
+        }
+    }
+
+    /// Makes the running pods match `desired`: new pods start, pods no
+    /// longer desired stop (and are cleaned up).
+    pub fn reconcile(&self, desired: &[DesiredPod]) {
+        let running: Vec<String> = {
+            let w = self.0.workers.lock().expect("workers lock poisoned");
+            w.iter()
+                .filter(|(_, h)| !h.stopping)
+                .map(|(u, _)| u.clone())
+                .collect()
+        };
+        for uid in &running {
+            if !desired.iter().any(|d| &d.uid == uid) {
+                self.stop(uid);
+            }
+        }
+        for d in desired {
+            if running.contains(&d.uid) {
+                continue;
+            }
+            if self
+                .0
+                .workers
+                .lock()
+                .expect("workers lock poisoned")
+                .contains_key(&d.uid)
+            {
+                continue; // still stopping under this uid
+            }
+            let rec = PodRecord {
+                uid: d.uid.clone(),
+                source: d.source.clone(),
+                pod: d.pod.clone(),
+                created_at: now_unix(),
+                net: None,
+                containers: BTreeMap::new(),
+                terminating: false,
+            };
+            tracing::info!(pod = %pod_key(&rec.pod), uid = %rec.uid, source = %rec.source, "starting pod");
+            self.spawn(rec, false);
+        }
+    }
+
+    /// Asks a pod's worker to stop; returns at once.
+    fn stop(&self, uid: &str) {
+        let mut w = self.0.workers.lock().expect("workers lock poisoned");
+        if let Some(h) = w.get_mut(uid) {
+            h.stopping = true;
+            let (tx, _rx) = oneshot::channel();
+            let _ = h.tx.send(Msg::Stop(tx));
+        }
+    }
+
+    fn spawn(&self, rec: PodRecord, adopt: bool) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut routes = self.0.routes.lock().expect("routes lock poisoned");
+            for c in rec.pod.spec.iter().flat_map(|s| &s.containers) {
+                routes.insert(container_id(&rec.uid, &c.name), rec.uid.clone());
+            }
+        }
+        let stopping = rec.terminating;
+        self.0
+            .workers
+            .lock()
+            .expect("workers lock poisoned")
+            .insert(rec.uid.clone(), Handle { tx, stopping });
+        let sh = self.0.clone();
+        tokio::spawn(async move {
+            let uid = rec.uid.clone();
+            worker::Worker::new(sh.clone(), rec, rx).run(adopt).await;
+            sh.workers
+                .lock()
+                .expect("workers lock poisoned")
+                .remove(&uid);
+            sh.routes
+                .lock()
+                .expect("routes lock poisoned")
+                .retain(|_, u| u != &uid);
+            sh.views.write().expect("views lock poisoned").remove(&uid);
+            sh.ifindexes
+                .write()
+                .expect("ifindex lock poisoned")
+                .remove(&uid);
+        });
+    }
+
+    /// ifindex of a pod's host-side veth (key of its traffic counters).
+    pub fn ifindex(&self, uid: &str) -> Option<u32> {
+        self.0
+            .ifindexes
+            .read()
+            .expect("ifindex lock poisoned")
+            .get(uid)
+            .copied()
+    }
+
+    /// Number of pods with a worker (running or stopping).
+    pub fn worker_count(&self) -> usize {
+        self.0.workers.lock().expect("workers lock poisoned").len()
+    }
+}
+
+impl Shared {
+    fn log_path(&self, namespace: &str, name: &str, uid: &str, container: &str) -> PathBuf {
+        self.cfg
+            .log_dir
+            .join(format!("{namespace}_{name}_{uid}"))
+            .join(format!("{container}.log"))
+    }
+
+    /// Imports the image directory, at most every 5 s (it is idempotent and
+    /// cheap when nothing changed, but not free).
+    async fn import_images(&self) {
+        let Some(dir) = &self.cfg.image_dir else {
+            return;
+        };
+        let mut last = self.last_import.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let (ok, errs) =
+            crate::cri::image::import_dir(self.rt.channel(), self.rt.namespace(), dir).await;
+        for e in errs {
+            tracing::warn!(error = %e, "image import failed");
+        }
+        if !ok.is_empty() {
+            tracing::debug!(count = ok.len(), "images imported");
+        }
+    }
+}
+
+/// `namespace/name` of a pod, for logs.
+pub fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Imports the image directory now (at agent start).
+pub async fn import_images_now(mgr: &Manager) {
+    *mgr.0.last_import.lock().await = None;
+    mgr.0.import_images().await;
+}

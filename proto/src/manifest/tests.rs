@@ -1,0 +1,992 @@
+use serde_json::json;
+
+use super::*;
+
+const FILE: &str = "pods/web.yaml";
+
+/// The nginx Pod of the Kubernetes docs ("Pods" and "Resource Management for
+/// Pods and Containers"), with labels, a named port and resources.
+const NGINX: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: nginx
+  labels:
+    app.kubernetes.io/name: proxy
+    tier: frontend
+  annotations:
+    description: "a web server"
+spec:
+  containers:
+  - name: nginx
+    image: nginx:1.14.2
+    ports:
+    - containerPort: 80
+      name: http-web-svc
+    resources:
+      requests:
+        memory: "64Mi"
+        cpu: "250m"
+      limits:
+        memory: "128Mi"
+        cpu: "500m"
+  - name: log-aggregator
+    image: images.my-company.example/log-aggregator:v6
+    command: ["/bin/sh", "-c"]
+    args: ["exec aggregate --all"]
+    workingDir: /var/log
+    env:
+    - name: DEMO_GREETING
+      value: "Hello from the environment"
+    resources:
+      limits:
+        memory: 129e6
+        cpu: 0.5
+"#;
+
+fn one(text: &str) -> Result<ValidPod, ManifestError> {
+    let mut pods = parse_pods(FILE, text)?;
+    assert_eq!(pods.len(), 1);
+    Ok(pods.remove(0))
+}
+
+/// A minimal valid Pod with `extra` merged into the JSON at `pointer`.
+fn pod_with(pointer: &str, key: &str, value: Value) -> Value {
+    let mut doc = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "web" },
+        "spec": {
+            "containers": [{ "name": "app", "image": "busybox:1.36", "ports": [{ "containerPort": 8080 }] }]
+        }
+    });
+    let Some(Value::Object(m)) = doc.pointer_mut(pointer) else {
+        panic!("no mapping at {pointer}");
+    };
+    m.insert(key.to_owned(), value);
+    doc
+}
+
+/// The one-line error for `doc`, which must be refused.
+fn refusal(doc: &Value) -> String {
+    match validate_pod(FILE, doc) {
+        Ok(p) => panic!("accepted: {:?}", p.pod),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_refused(doc: &Value, field: &str, reason_part: &str) {
+    let msg = refusal(doc);
+    let prefix = format!("{FILE}: {field}: ");
+    assert!(
+        msg.starts_with(&prefix),
+        "{msg:?} does not start with {prefix:?}"
+    );
+    assert!(
+        msg.contains(reason_part),
+        "{msg:?} does not mention {reason_part:?}"
+    );
+    assert!(!msg.contains('\n'), "{msg:?} is not one line");
+}
+
+#[test]
+fn nginx_from_the_docs_is_accepted() {
+    let v = one(NGINX).unwrap();
+    assert_eq!(v.warnings, Vec::<String>::new());
+    let meta = &v.pod.metadata;
+    assert_eq!(meta.name.as_deref(), Some("nginx"));
+    assert_eq!(meta.namespace.as_deref(), Some("default"));
+    assert_eq!(
+        meta.labels.as_ref().unwrap()["app.kubernetes.io/name"],
+        "proxy"
+    );
+    let spec = v.pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.len(), 2);
+    let port = &spec.containers[0].ports.as_ref().unwrap()[0];
+    assert_eq!(port.container_port, 80);
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    assert_eq!(port.name.as_deref(), Some("http-web-svc"));
+    assert_eq!(
+        v.limits,
+        vec![
+            ContainerResources {
+                cpu_request_millis: Some(250),
+                cpu_limit_millis: Some(500),
+                memory_request_bytes: Some(64 << 20),
+                memory_limit_bytes: Some(128 << 20),
+            },
+            ContainerResources {
+                cpu_request_millis: Some(500),
+                cpu_limit_millis: Some(500),
+                memory_request_bytes: Some(129_000_000),
+                memory_limit_bytes: Some(129_000_000),
+            },
+        ]
+    );
+    // Quantities written as YAML numbers are kept as Kubernetes quantity strings.
+    let res = spec.containers[1].resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "129000000");
+    assert_eq!(res.limits.as_ref().unwrap()["cpu"].0, "0.5");
+    // Requests default to limits, in the Pod as well.
+    assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "0.5");
+}
+
+#[test]
+fn defaults_are_applied() {
+    let v = validate_pod(
+        FILE,
+        &pod_with(
+            "/spec",
+            "containers",
+            json!([{ "name": "app", "image": "busybox" }]),
+        ),
+    )
+    .unwrap();
+    let spec = v.pod.spec.as_ref().unwrap();
+    assert_eq!(v.pod.metadata.namespace.as_deref(), Some("default"));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(spec.termination_grace_period_seconds, Some(30));
+    // Ignored fields get no defaults.
+    assert_eq!(spec.dns_policy, None);
+    assert_eq!(spec.containers[0].image_pull_policy, None);
+    assert_eq!(v.limits, vec![ContainerResources::default()]);
+    assert!(v.warnings.is_empty());
+
+    let v = validate_pod(FILE, &pod_with("/spec", "restartPolicy", json!("Never"))).unwrap();
+    let spec = v.pod.spec.as_ref().unwrap();
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(
+        spec.containers[0].ports.as_ref().unwrap()[0]
+            .protocol
+            .as_deref(),
+        Some("TCP")
+    );
+    let v = validate_pod(FILE, &pod_with("/metadata", "namespace", json!("team-a"))).unwrap();
+    assert_eq!(v.pod.metadata.namespace.as_deref(), Some("team-a"));
+    let v = validate_pod(
+        FILE,
+        &pod_with("/spec", "terminationGracePeriodSeconds", json!(0)),
+    )
+    .unwrap();
+    assert_eq!(
+        v.pod.spec.unwrap().termination_grace_period_seconds,
+        Some(0)
+    );
+}
+
+#[test]
+fn used_fields_are_checked() {
+    assert_refused(
+        &pod_with("/spec", "restartPolicy", json!("Sometimes")),
+        "spec.restartPolicy",
+        "must be one of \"Always\", \"OnFailure\", \"Never\"",
+    );
+    assert_refused(
+        &pod_with("/spec", "terminationGracePeriodSeconds", json!(-1)),
+        "spec.terminationGracePeriodSeconds",
+        ">= 0",
+    );
+    assert_refused(
+        &pod_with("/spec", "terminationGracePeriodSeconds", json!("30")),
+        "spec.terminationGracePeriodSeconds",
+        "must be an integer, got string \"30\"",
+    );
+    assert_refused(
+        &pod_with("/metadata", "name", json!("Web_1")),
+        "metadata.name",
+        "DNS-1123 subdomain",
+    );
+    assert_refused(
+        &pod_with("/metadata", "name", json!("a".repeat(254))),
+        "metadata.name",
+        "longer than 253",
+    );
+    assert!(validate_pod(FILE, &pod_with("/metadata", "name", json!("web.v2"))).is_ok());
+    assert_refused(
+        &pod_with("/metadata", "namespace", json!("team.a")),
+        "metadata.namespace",
+        "DNS-1123 label",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0", "workingDir", json!("srv")),
+        "spec.containers[0].workingDir",
+        "absolute path",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0", "command", json!("echo hi")),
+        "spec.containers[0].command",
+        "must be a list of strings",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0", "args", json!(["-p", 80])),
+        "spec.containers[0].args[1]",
+        "must be a string, got number 80 (put it in quotes)",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0", "env", json!([{ "value": "x" }])),
+        "spec.containers[0].env[0].name",
+        "required",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0", "env", json!([{ "name": "A=B" }])),
+        "spec.containers[0].env[0].name",
+        "'='",
+    );
+    assert_refused(
+        &pod_with(
+            "/spec/containers/0",
+            "env",
+            json!([{ "name": "PORT", "value": 8080 }]),
+        ),
+        "spec.containers[0].env[0].value",
+        "in quotes",
+    );
+    assert_refused(
+        &pod_with("/spec", "os", json!({ "name": "windows" })),
+        "spec.os.name",
+        "Linux",
+    );
+    assert!(validate_pod(FILE, &pod_with("/spec", "os", json!({ "name": "linux" }))).is_ok());
+}
+
+#[test]
+fn labels_and_annotations_are_checked() {
+    assert_refused(
+        &pod_with("/metadata", "labels", json!({ "app": "web server" })),
+        "metadata.labels.app",
+        "not a valid label value",
+    );
+    assert_refused(
+        &pod_with("/metadata", "labels", json!({ "Example.com/app": "web" })),
+        "metadata.labels[Example.com/app]",
+        "invalid key",
+    );
+    assert_refused(
+        &pod_with("/metadata", "labels", json!({ "enabled": true })),
+        "metadata.labels.enabled",
+        "must be a string, got boolean true",
+    );
+    assert_refused(
+        &pod_with("/metadata", "annotations", json!({ "-bad": "x" })),
+        "metadata.annotations[-bad]",
+        "invalid key",
+    );
+    assert_refused(
+        &pod_with(
+            "/metadata",
+            "annotations",
+            json!({ "big": "x".repeat(300 * 1024) }),
+        ),
+        "metadata.annotations",
+        "262144",
+    );
+    // An empty YAML value (`tier:`) is an empty label value, as in Kubernetes.
+    let v = validate_pod(
+        FILE,
+        &pod_with("/metadata", "labels", json!({ "tier": null })),
+    )
+    .unwrap();
+    assert_eq!(v.pod.metadata.labels.unwrap()["tier"], "");
+}
+
+#[test]
+fn warned_fields_are_accepted_with_a_warning_naming_them() {
+    let cases = [
+        (
+            "/spec/containers/0",
+            "imagePullPolicy",
+            json!("Always"),
+            "spec.containers[0].imagePullPolicy",
+            "never pulls",
+        ),
+        (
+            "/spec/containers/0",
+            "livenessProbe",
+            json!({ "httpGet": { "path": "/", "port": 8080 } }),
+            "spec.containers[0].livenessProbe",
+            "probes",
+        ),
+        (
+            "/spec/containers/0",
+            "tty",
+            json!(true),
+            "spec.containers[0].tty",
+            "terminal",
+        ),
+        (
+            "/spec",
+            "nodeName",
+            json!("node-1"),
+            "spec.nodeName",
+            "own node",
+        ),
+        (
+            "/spec",
+            "tolerations",
+            json!([{ "key": "k", "operator": "Exists" }]),
+            "spec.tolerations",
+            "own node",
+        ),
+        (
+            "/spec",
+            "dnsPolicy",
+            json!("ClusterFirst"),
+            "spec.dnsPolicy",
+            "DNS",
+        ),
+        (
+            "/spec",
+            "enableServiceLinks",
+            json!(true),
+            "spec.enableServiceLinks",
+            "environment",
+        ),
+        (
+            "/spec",
+            "securityContext",
+            json!({ "runAsNonRoot": true }),
+            "spec.securityContext.runAsNonRoot",
+            "user",
+        ),
+        (
+            "/metadata",
+            "ownerReferences",
+            json!([{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "u" }]),
+            "metadata.ownerReferences",
+            "owner",
+        ),
+    ];
+    for (pointer, key, value, field, why) in cases {
+        let v = validate_pod(FILE, &pod_with(pointer, key, value))
+            .unwrap_or_else(|e| panic!("{field}: {e}"));
+        assert_eq!(v.warnings.len(), 1, "{field}: {:?}", v.warnings);
+        let w = &v.warnings[0];
+        assert!(w.starts_with(&format!("{FILE}: {field}: ignored: ")), "{w}");
+        assert!(w.contains(why), "{w}");
+    }
+    // Kept in the Pod, for whoever implements them later.
+    let v = validate_pod(
+        FILE,
+        &pod_with("/spec/containers/0", "imagePullPolicy", json!("Never")),
+    )
+    .unwrap();
+    assert_eq!(
+        v.pod.spec.unwrap().containers[0]
+            .image_pull_policy
+            .as_deref(),
+        Some("Never")
+    );
+    // A value that asks for nothing gives no warning.
+    for (key, value) in [
+        ("tty", json!(false)),
+        ("livenessProbe", json!(null)),
+        ("stdin", json!(false)),
+    ] {
+        let v = validate_pod(FILE, &pod_with("/spec/containers/0", key, value)).unwrap();
+        assert!(v.warnings.is_empty(), "{key}: {:?}", v.warnings);
+    }
+}
+
+#[test]
+fn status_and_server_set_metadata_are_dropped() {
+    let mut doc = pod_with(
+        "/metadata",
+        "uid",
+        json!("6f3b0c1e-0000-4000-8000-000000000000"),
+    );
+    doc["metadata"]["resourceVersion"] = json!("42");
+    doc["metadata"]["creationTimestamp"] = json!(null);
+    doc["status"] = json!({ "phase": "Running", "podIP": "10.244.0.5" });
+    let v = validate_pod(FILE, &doc).unwrap();
+    assert_eq!(v.pod.status, None);
+    assert_eq!(v.pod.metadata.uid, None);
+    assert_eq!(v.pod.metadata.resource_version, None);
+    let mut fields: Vec<&str> = v
+        .warnings
+        .iter()
+        .map(|w| w.split(": ").nth(1).unwrap())
+        .collect();
+    // Key order depends on serde_json's preserve_order feature.
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["metadata.resourceVersion", "metadata.uid", "status"]
+    );
+    // `status: {}` as `kubectl create --dry-run -o yaml` writes it: no warning.
+    let v = validate_pod(FILE, &pod_with("", "status", json!({}))).unwrap();
+    assert!(v.warnings.is_empty());
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
+fn refused_fields_name_the_field_and_the_reason() {
+    let cases = [
+        (
+            "/spec",
+            "hostNetwork",
+            json!(true),
+            "spec.hostNetwork",
+            "network namespace",
+        ),
+        ("/spec", "hostPID", json!(true), "spec.hostPID", "PID"),
+        ("/spec", "hostIPC", json!(true), "spec.hostIPC", "IPC"),
+        (
+            "/spec",
+            "hostUsers",
+            json!(false),
+            "spec.hostUsers",
+            "user namespaces",
+        ),
+        (
+            "/spec",
+            "volumes",
+            json!([{ "name": "data", "emptyDir": {} }]),
+            "spec.volumes",
+            "volume",
+        ),
+        (
+            "/spec",
+            "initContainers",
+            json!([{ "name": "init", "image": "busybox" }]),
+            "spec.initContainers",
+            "init containers",
+        ),
+        (
+            "/spec",
+            "ephemeralContainers",
+            json!([{ "name": "debug", "image": "busybox" }]),
+            "spec.ephemeralContainers",
+            "ephemeral",
+        ),
+        (
+            "/spec",
+            "activeDeadlineSeconds",
+            json!(60),
+            "spec.activeDeadlineSeconds",
+            "deadline",
+        ),
+        (
+            "/spec",
+            "securityContext",
+            json!({ "runAsUser": 1000 }),
+            "spec.securityContext.runAsUser",
+            "user",
+        ),
+        (
+            "/spec/containers/0",
+            "volumeMounts",
+            json!([{ "name": "data", "mountPath": "/data" }]),
+            "spec.containers[0].volumeMounts",
+            "volume",
+        ),
+        (
+            "/spec/containers/0",
+            "lifecycle",
+            json!({ "preStop": { "exec": { "command": ["true"] } } }),
+            "spec.containers[0].lifecycle",
+            "hooks",
+        ),
+        (
+            "/spec/containers/0",
+            "envFrom",
+            json!([{ "configMapRef": { "name": "cfg" } }]),
+            "spec.containers[0].envFrom",
+            "ConfigMaps",
+        ),
+        (
+            "/spec/containers/0",
+            "env",
+            json!([{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }]),
+            "spec.containers[0].env[0].valueFrom",
+            "downward API",
+        ),
+        (
+            "/spec/containers/0",
+            "securityContext",
+            json!({ "privileged": true }),
+            "spec.containers[0].securityContext.privileged",
+            "privileged",
+        ),
+        (
+            "/spec/containers/0",
+            "securityContext",
+            json!({ "capabilities": { "add": ["NET_ADMIN"] } }),
+            "spec.containers[0].securityContext.capabilities.add",
+            "capabilities",
+        ),
+        (
+            "/spec/containers/0/ports/0",
+            "hostPort",
+            json!(8080),
+            "spec.containers[0].ports[0].hostPort",
+            "Service",
+        ),
+        (
+            "/metadata",
+            "generateName",
+            json!("web-"),
+            "metadata.generateName",
+            "metadata.name",
+        ),
+    ];
+    for (pointer, key, value, field, why) in cases {
+        let doc = pod_with(pointer, key, value);
+        assert_refused(&doc, field, why);
+        assert!(refusal(&doc).contains(&format!("{field}: not supported: ")));
+    }
+    // The value that asks for nothing is accepted silently.
+    for (pointer, key, value) in [
+        ("/spec", "hostNetwork", json!(false)),
+        ("/spec", "hostUsers", json!(true)),
+        ("/spec", "hostIPC", json!({})),
+        ("/spec", "volumes", json!([])),
+        ("/spec/containers/0/ports/0", "hostPort", json!(0)),
+        (
+            "/spec/containers/0",
+            "securityContext",
+            json!({ "privileged": false, "capabilities": { "add": [] } }),
+        ),
+    ] {
+        let v = validate_pod(FILE, &pod_with(pointer, key, value))
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(v.warnings.is_empty(), "{key}: {:?}", v.warnings);
+    }
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_path() {
+    assert_refused(
+        &pod_with("/spec/containers/0", "imagePullPolcy", json!("Always")),
+        "spec.containers[0].imagePullPolcy",
+        "did you mean \"imagePullPolicy\"",
+    );
+    assert_refused(
+        &pod_with("/spec/containers/0/ports/0", "port", json!(80)),
+        "spec.containers[0].ports[0].port",
+        "unknown field",
+    );
+    assert_refused(
+        &pod_with("/spec", "replicas", json!(3)),
+        "spec.replicas",
+        "unknown field (Kubernetes has no such field here)",
+    );
+    assert_refused(
+        &pod_with("/metadata", "label", json!({ "a": "b" })),
+        "metadata.label",
+        "did you mean \"labels\"",
+    );
+    assert_refused(&pod_with("", "extra", json!(1)), "extra", "unknown field");
+    assert_refused(
+        &pod_with(
+            "/spec/containers/0",
+            "resources",
+            json!({ "limit": { "cpu": "1" } }),
+        ),
+        "spec.containers[0].resources.limit",
+        "did you mean \"limits\"",
+    );
+    assert_refused(
+        &pod_with(
+            "/spec/containers/0",
+            "securityContext",
+            json!({ "capabilities": { "remove": ["ALL"] } }),
+        ),
+        "spec.containers[0].securityContext.capabilities.remove",
+        "unknown field",
+    );
+}
+
+#[test]
+fn quantities_are_parsed_with_field_paths() {
+    let res = |r: Value| pod_with("/spec/containers/0", "resources", r);
+    assert_eq!(
+        refusal(&res(json!({ "limits": { "cpu": "lots" } }))),
+        "pods/web.yaml: spec.containers[0].resources.limits.cpu: invalid quantity \"lots\": expected a number with an optional suffix (m, k, M, G, Ki, Mi, Gi, ...)"
+    );
+    assert_refused(
+        &res(json!({ "requests": { "memory": "-64Mi" } })),
+        "spec.containers[0].resources.requests.memory",
+        "must not be negative",
+    );
+    assert_refused(
+        &res(json!({ "requests": { "memory": "" } })),
+        "spec.containers[0].resources.requests.memory",
+        "invalid quantity \"\"",
+    );
+    assert_refused(
+        &res(json!({ "limits": { "memory": true } })),
+        "spec.containers[0].resources.limits.memory",
+        "must be a quantity",
+    );
+    assert_refused(
+        &res(json!({ "limits": { "nvidia.com/gpu": "1" } })),
+        "spec.containers[0].resources.limits[nvidia.com/gpu]",
+        "only the cpu and memory",
+    );
+    assert_refused(
+        &res(json!({ "requests": { "ephemeral-storage": "1Gi" } })),
+        "spec.containers[0].resources.requests.ephemeral-storage",
+        "not supported",
+    );
+    assert_refused(
+        &res(json!({ "requests": { "cpu": "2" }, "limits": { "cpu": "1" } })),
+        "spec.containers[0].resources.requests.cpu",
+        "\"2\" must be less than or equal to the cpu limit \"1\"",
+    );
+    assert_refused(
+        &res(json!({ "requests": { "memory": "1Gi" }, "limits": { "memory": "512Mi" } })),
+        "spec.containers[0].resources.requests.memory",
+        "limit \"512Mi\"",
+    );
+    let v = validate_pod(
+        FILE,
+        &res(json!({ "requests": { "cpu": 1, "memory": "1k" } })),
+    )
+    .unwrap();
+    assert_eq!(
+        v.limits[0],
+        ContainerResources {
+            cpu_request_millis: Some(1000),
+            memory_request_bytes: Some(1000),
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn containers_are_checked() {
+    let containers = |c: Value| pod_with("/spec", "containers", c);
+    assert_refused(
+        &containers(json!([{ "name": "app", "image": "a" }, { "name": "app", "image": "b" }])),
+        "spec.containers[1].name",
+        "duplicate container name \"app\"",
+    );
+    assert_refused(
+        &containers(json!([{ "name": "app" }])),
+        "spec.containers[0].image",
+        "required",
+    );
+    assert_refused(
+        &containers(json!([{ "name": "app", "image": "" }])),
+        "spec.containers[0].image",
+        "required",
+    );
+    assert_refused(
+        &containers(json!([{ "name": "app", "image": " nginx" }])),
+        "spec.containers[0].image",
+        "whitespace",
+    );
+    assert_refused(
+        &containers(json!([{ "image": "nginx" }])),
+        "spec.containers[0].name",
+        "required",
+    );
+    assert_refused(
+        &containers(json!([{ "name": "App", "image": "nginx" }])),
+        "spec.containers[0].name",
+        "DNS-1123 label",
+    );
+    assert_refused(
+        &containers(json!([])),
+        "spec.containers",
+        "at least one container",
+    );
+    assert_refused(
+        &containers(json!({ "name": "app" })),
+        "spec.containers",
+        "must be a list",
+    );
+    assert_refused(
+        &containers(json!(["nginx"])),
+        "spec.containers[0]",
+        "must be a mapping",
+    );
+    let mut no_containers = pod_with("", "spec", json!({ "restartPolicy": "Never" }));
+    assert_refused(&no_containers, "spec.containers", "required");
+    no_containers["spec"] = json!(null);
+    assert_refused(&no_containers, "spec", "required");
+}
+
+#[test]
+fn ports_are_checked() {
+    let ports = |p: Value| pod_with("/spec/containers/0", "ports", p);
+    for bad in [0, 70000, -1] {
+        assert_refused(
+            &ports(json!([{ "containerPort": bad }])),
+            "spec.containers[0].ports[0].containerPort",
+            "between 1 and 65535",
+        );
+    }
+    assert_refused(
+        &ports(json!([{ "containerPort": 3_000_000_000_i64 }])),
+        "spec.containers[0].ports[0].containerPort",
+        "out of range",
+    );
+    assert_refused(
+        &ports(json!([{ "containerPort": "http" }])),
+        "spec.containers[0].ports[0].containerPort",
+        "must be an integer, got string \"http\"",
+    );
+    assert_refused(
+        &ports(json!([{ "containerPort": 80.5 }])),
+        "spec.containers[0].ports[0].containerPort",
+        "must be an integer",
+    );
+    assert_refused(
+        &ports(json!([{ "name": "http" }])),
+        "spec.containers[0].ports[0].containerPort",
+        "required",
+    );
+    assert_refused(
+        &ports(json!([{ "containerPort": 80, "protocol": "tcp" }])),
+        "spec.containers[0].ports[0].protocol",
+        "must be one of \"TCP\", \"UDP\", \"SCTP\"",
+    );
+    assert_refused(
+        &ports(json!([{ "containerPort": 80, "name": "http-web-service" }])),
+        "spec.containers[0].ports[0].name",
+        "at most 15",
+    );
+    assert_refused(
+        &ports(
+            json!([{ "containerPort": 80, "name": "http" }, { "containerPort": 81, "name": "http" }]),
+        ),
+        "spec.containers[0].ports[1].name",
+        "duplicate port name \"http\"",
+    );
+    let v = validate_pod(FILE, &ports(json!([{ "containerPort": 53, "protocol": "UDP", "name": "dns" }, { "containerPort": 53, "name": "dns-tcp" }]))).unwrap();
+    assert!(v.warnings.is_empty());
+    // Containers share the pod's netns: the same port twice is a warning, as in Kubernetes.
+    let v = validate_pod(
+        FILE,
+        &pod_with(
+            "/spec",
+            "containers",
+            json!([
+                { "name": "a", "image": "x", "ports": [{ "containerPort": 80 }] },
+                { "name": "b", "image": "x", "ports": [{ "containerPort": 80 }] },
+            ]),
+        ),
+    )
+    .unwrap();
+    assert_eq!(v.warnings.len(), 1);
+    assert!(v.warnings[0].contains(
+        "spec.containers[1].ports[0]: duplicate port definition with spec.containers[0].ports[0]"
+    ));
+}
+
+#[test]
+fn ports_from_yaml_text() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: app\n    image: nginx\n    ports:\n    - containerPort: http\n";
+    assert_eq!(
+        one(text).unwrap_err().to_string(),
+        "pods/web.yaml: spec.containers[0].ports[0].containerPort: must be an integer, got string \"http\""
+    );
+}
+
+#[test]
+fn kind_and_api_version() {
+    let mut doc = pod_with("", "kind", json!("Deployment"));
+    doc["apiVersion"] = json!("apps/v1");
+    assert_eq!(
+        refusal(&doc),
+        "pods/web.yaml: kind: kind Deployment is not supported here (weir-agent standalone mode runs Pods)"
+    );
+    assert_refused(
+        &pod_with("", "apiVersion", json!("apps/v1")),
+        "apiVersion",
+        "expected \"v1\"",
+    );
+    let mut doc = pod_with("", "x", json!(null));
+    doc.as_object_mut().unwrap().remove("kind");
+    assert_refused(&doc, "kind", "required");
+    let mut doc = pod_with("", "x", json!(null));
+    doc.as_object_mut().unwrap().remove("apiVersion");
+    assert_refused(&doc, "apiVersion", "required");
+    assert_eq!(
+        validate_pod(FILE, &json!(["a"])).unwrap_err().to_string(),
+        "pods/web.yaml: a document must be a mapping with apiVersion, kind, metadata and spec"
+    );
+}
+
+#[test]
+fn multi_document_text() {
+    let text = "---\n# leading comment\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: a\nspec:\n  containers:\n  - {name: app, image: busybox}\n---\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: b\n  namespace: team-b\nspec:\n  containers:\n  - {name: app, image: busybox}\n...\n";
+    let docs = parse_documents(FILE, text).unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[1]["metadata"]["namespace"], "team-b");
+    let pods = parse_pods(FILE, text).unwrap();
+    let names: Vec<_> = pods
+        .iter()
+        .map(|p| p.pod.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(parse_documents(FILE, "").unwrap().is_empty());
+    assert!(parse_pods(FILE, "# nothing\n").unwrap().is_empty());
+
+    // A Service among Pods is refused, naming its document.
+    let mixed =
+        format!("{text}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{}}\n");
+    assert_eq!(
+        parse_pods(FILE, &mixed).unwrap_err().to_string(),
+        "pods/web.yaml (document 3): kind: kind Service is not supported here (weir-agent standalone mode runs Pods)"
+    );
+}
+
+#[test]
+fn yaml_errors_are_one_line() {
+    let e = parse_documents(FILE, "a: b\na: c\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "pods/web.yaml: invalid YAML: duplicate mapping key: a at line 2, column 1"
+    );
+    for bad in [
+        "a: [1, 2\n",
+        "key: value\n  bad indent: x\n- list\n",
+        "a: 'unterminated\n",
+    ] {
+        let e = parse_documents(FILE, bad).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ManifestError::Yaml { .. }), "{msg}");
+        assert!(msg.starts_with("pods/web.yaml: invalid YAML: "), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+}
+
+#[test]
+fn warned_field_of_the_wrong_type_is_named() {
+    let doc = pod_with("/spec", "tolerations", json!("all"));
+    let msg = refusal(&doc);
+    assert!(
+        msg.starts_with("pods/web.yaml: spec.tolerations: "),
+        "{msg}"
+    );
+}
+
+#[test]
+fn table_is_consistent_and_renders() {
+    let mut seen = std::collections::HashSet::new();
+    for r in POD_FIELDS {
+        assert!(seen.insert(r.path), "{} twice", r.path);
+        // Every nested row hangs below a used Object or ObjectList row.
+        if let Some((parent, _)) = r.path.rsplit_once('.') {
+            let parent = parent.strip_suffix("[]").unwrap_or(parent);
+            let p = POD_FIELDS
+                .iter()
+                .find(|p| p.path == parent)
+                .unwrap_or_else(|| panic!("{} has no parent", r.path));
+            assert!(
+                matches!(
+                    p.class,
+                    FieldClass::Used {
+                        shape: Shape::Object | Shape::ObjectList,
+                        ..
+                    }
+                ),
+                "{} is below {} which is not walked",
+                r.path,
+                p.path
+            );
+            let list = matches!(
+                p.class,
+                FieldClass::Used {
+                    shape: Shape::ObjectList,
+                    ..
+                }
+            );
+            assert_eq!(
+                list,
+                r.path[parent.len()..].starts_with("[]."),
+                "{}",
+                r.path
+            );
+        }
+    }
+    let md = field_table_markdown();
+    assert!(md.starts_with("| Pod field | Class | Notes |\n|---|---|---|\n"));
+    assert!(md.contains(
+        "| `spec.hostNetwork` | refused | weir pods always get their own network namespace |"
+    ));
+    assert!(md.contains("| `spec.containers[].imagePullPolicy` | warning, ignored | "));
+    assert!(
+        md.contains("| `spec.containers[].ports[].containerPort` | used (required) | 1..=65535 |")
+    );
+    assert_eq!(md.lines().count(), POD_FIELDS.len() + 3);
+}
+
+/// A deserializer that only records the field names a k8s-openapi type
+/// passes to `deserialize_struct`: the exact list Kubernetes knows.
+struct FieldNames<'a>(&'a mut Vec<&'static str>);
+
+impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("only structs"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.extend_from_slice(fields);
+        Err(serde::de::Error::custom("fields recorded"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+    }
+}
+
+fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    assert!(T::deserialize(FieldNames(&mut fields)).is_err());
+    assert!(!fields.is_empty());
+    fields
+}
+
+#[test]
+fn the_table_covers_every_field_kubernetes_knows() {
+    use k8s_openapi::api::core::v1::{
+        Capabilities, Container, ContainerPort, EnvVar, PodOS, PodSecurityContext, PodSpec,
+        ResourceRequirements, SecurityContext,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let objects = [
+        ("", fields_of::<Pod>()),
+        ("metadata", fields_of::<ObjectMeta>()),
+        ("spec", fields_of::<PodSpec>()),
+        ("spec.os", fields_of::<PodOS>()),
+        ("spec.securityContext", fields_of::<PodSecurityContext>()),
+        ("spec.containers[]", fields_of::<Container>()),
+        ("spec.containers[].env[]", fields_of::<EnvVar>()),
+        ("spec.containers[].ports[]", fields_of::<ContainerPort>()),
+        (
+            "spec.containers[].resources",
+            fields_of::<ResourceRequirements>(),
+        ),
+        (
+            "spec.containers[].securityContext",
+            fields_of::<SecurityContext>(),
+        ),
+        (
+            "spec.containers[].securityContext.capabilities",
+            fields_of::<Capabilities>(),
+        ),
+    ];
+    for (parent, fields) in &objects {
+        let known: Vec<&str> = table::children(parent).collect();
+        for f in fields {
+            assert!(known.contains(f), "{parent}.{f} is missing from the table");
+        }
+        for k in &known {
+            assert!(
+                fields.contains(k),
+                "{parent}.{k} is in the table but Kubernetes has no such field"
+            );
+        }
+    }
+}
