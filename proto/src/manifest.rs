@@ -220,3 +220,34 @@ fn to_pod(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod readme {
+    /// The README lists the field table between two markers; this keeps it
+    /// current (`WEIR_BLESS=1 cargo test -p weir-proto` rewrites it).
+    #[test]
+    fn readme_lists_the_current_field_table() {
+        const BEGIN: &str = "<!-- pod-fields:begin -->\n";
+        const END: &str = "<!-- pod-fields:end -->";
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).expect("README.md is readable");
+        let start = readme
+            .find(BEGIN)
+            .expect("README has the pod-fields:begin marker")
+            + BEGIN.len();
+        let end = readme
+            .find(END)
+            .expect("README has the pod-fields:end marker");
+        let table = super::field_table_markdown();
+        if std::env::var_os("WEIR_BLESS").is_some() {
+            let updated = format!("{}{table}{}", &readme[..start], &readme[end..]);
+            std::fs::write(&path, updated).expect("README.md is writable");
+            return;
+        }
+        assert_eq!(
+            &readme[start..end],
+            table,
+            "README's field table is stale: run WEIR_BLESS=1 cargo test -p weir-proto"
+        );
+    }
+}

@@ -575,7 +575,7 @@ impl Drop for Cluster {
         // Whatever is left (a failed test) goes by force.
         for n in &self.nodes {
             let _ = self.containerd.ctr(&n.containerd_ns(), &["tasks", "ls"]);
-            let netns_dir = Path::new("/run/weir/netns");
+            let netns_dir = Path::new("/run/weir/netns").join(&n.name);
             for p in n
                 .dir
                 .join("state/pods")
@@ -618,6 +618,12 @@ impl Drop for Cluster {
             }
             remove_cgroup_tree(&Path::new("/sys/fs/cgroup").join(n.containerd_ns()));
             sh_quiet("ip", &["route", "del", &n.pod_cidr]);
+            // The agent keeps its pod-netns directory a shared mount point
+            // (as `ip netns` does); it outlives the agent by design.
+            let netns_dir = Path::new("/run/weir/netns").join(&n.name);
+            sh_quiet("umount", &["-l", &netns_dir.display().to_string()]);
+            let _ = std::fs::remove_dir(&netns_dir);
+            let _ = std::fs::remove_dir_all(Path::new("/run/weir").join(&n.name));
         }
         cleanup_names(&self.tag, &self.bridge, Path::new("/nonexistent"));
         for cidr in &self.added_guards {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod image;
+mod setup;
+mod up;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Developer verbs for the weir workspace")]
@@ -17,12 +19,56 @@ struct Cli {
 enum Cmd {
     /// Build the busybox OCI image tarball (target/images/busybox.tar).
     Image(image::ImageArgs),
+    /// Install what a fresh machine lacks (apt packages, bpf-linker, rust-src).
+    Setup,
+    /// Bring up a single-node weir (containerd, node netns, weir-agent) and
+    /// run the pods in examples/ through it.
+    Up,
+    /// Tear down what `up` started.
+    Down,
+    /// Set up, build, and run the whole test suite (unit and root e2e tests).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Image(args) => image::run(&args),
+        Cmd::Setup => setup::setup(),
+        Cmd::Up => up::up(),
+        Cmd::Down => up::down(),
+        Cmd::Test { args } => test(&args),
     }
+}
+
+/// Runs cargo with `args` in the workspace, failing if it fails.
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("run cargo {}: {e}", args.join(" ")))?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo {} failed: {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// The whole suite: unit tests of every crate and the root e2e tests in
+/// tests/ (which need the agent binary and the busybox image).
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    cargo(&["build", "-p", "weir-agent"])?;
+    image::build_busybox_image(&image::default_out_dir())?;
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
 }
 
 /// The workspace root (the parent of the xtask crate).
