@@ -119,10 +119,10 @@ fn remove_tree(dir: &Path) {
             remove_tree(&e.path());
         }
     }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove cgroup");
-        }
+    if let Err(e) = std::fs::remove_dir(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove cgroup");
     }
 }
 

@@ -40,7 +40,7 @@ pub enum DataplaneError {
     },
     /// The object could not be loaded.
     #[error("load eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[from] Box<aya::EbpfError>),
     /// A program could not be loaded or attached.
     #[error("{what} {prog} on {iface}: {source}")]
     Program {
@@ -51,7 +51,7 @@ pub enum DataplaneError {
         /// The interface.
         iface: String,
         /// The error.
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// A link could not be pinned, opened or unpinned.
     #[error("{what} link {path}: {source}")]
@@ -71,7 +71,7 @@ pub enum DataplaneError {
         /// The map.
         map: &'static str,
         /// The error.
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -100,27 +100,28 @@ impl Dataplane {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .load(EBPF_OBJECT)?;
+            .load(EBPF_OBJECT)
+            .map_err(Box::new)?;
         for (_, prog, _) in DIRECTIONS {
             let p: &mut SchedClassifier = program(&mut ebpf, prog)?;
             p.load().map_err(|source| DataplaneError::Program {
                 what: "load",
                 prog,
                 iface: String::new(),
-                source,
+                source: Box::new(source),
             })?;
         }
         let map = ebpf.take_map(TRAFFIC_MAP).ok_or(DataplaneError::Map {
             what: "find",
             map: TRAFFIC_MAP,
-            source: aya::maps::MapError::InvalidName {
+            source: Box::new(aya::maps::MapError::InvalidName {
                 name: TRAFFIC_MAP.to_owned(),
-            },
+            }),
         })?;
         let traffic = PerCpuHashMap::try_from(map).map_err(|source| DataplaneError::Map {
             what: "open",
             map: TRAFFIC_MAP,
-            source,
+            source: Box::new(source),
         })?;
         Ok(Self {
             pin_dir,
@@ -157,7 +158,7 @@ impl Dataplane {
                             what: "replace on link",
                             prog,
                             iface: iface.into(),
-                            source,
+                            source: Box::new(source),
                         })?
                 }
                 Err(LinkError::SyscallError(SyscallError { io_error, .. }))
@@ -172,7 +173,7 @@ impl Dataplane {
                         what: "attach",
                         prog,
                         iface: iface.into(),
-                        source,
+                        source: Box::new(source),
                     })?
                 }
                 Err(e) => return Err(link_err("open pinned", &pin, e)),
@@ -183,7 +184,7 @@ impl Dataplane {
                     what: "take link",
                     prog,
                     iface: iface.into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let fd: FdLink = link
                 .try_into()
@@ -204,14 +205,14 @@ impl Dataplane {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
             what: "count cpus for",
             map: TRAFFIC_MAP,
-            source: aya::maps::MapError::IoError(e),
+            source: Box::new(aya::maps::MapError::IoError(e)),
         })?;
         let zeros =
             PerCpuValues::try_from(vec![TrafficCounters::default(); cpus]).map_err(|e| {
                 DataplaneError::Map {
                     what: "size per-cpu value of",
                     map: TRAFFIC_MAP,
-                    source: aya::maps::MapError::IoError(e),
+                    source: Box::new(aya::maps::MapError::IoError(e)),
                 }
             })?;
         // BPF_NOEXIST: never overwrite counts the programs already made.
@@ -225,7 +226,7 @@ impl Dataplane {
             Err(source) => Err(DataplaneError::Map {
                 what: "insert into",
                 map: TRAFFIC_MAP,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -261,7 +262,7 @@ impl Dataplane {
             Err(source) => Err(DataplaneError::Map {
                 what: "remove from",
                 map: TRAFFIC_MAP,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -270,7 +271,7 @@ impl Dataplane {
     pub fn counters(&self, ifindex: u32) -> TrafficCounters {
         let map = self.traffic.lock().expect("traffic map lock poisoned");
         map.get(&TrafficKey { ifindex }, 0)
-            .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| a.add(*c)))
+            .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| a + *c))
             .unwrap_or_default()
     }
 
@@ -303,17 +304,17 @@ impl Dataplane {
     /// Removes pins and counters left for interfaces not in `keep`.
     pub fn garbage_collect(&self, keep_ifaces: &[String], keep_ifindexes: &[u32]) {
         for iface in self.pinned_ifaces() {
-            if !keep_ifaces.contains(&iface) {
-                if let Err(e) = self.detach_pod(&iface, 0) {
-                    tracing::warn!(error = %e, iface, "cannot remove stale links");
-                }
+            if !keep_ifaces.contains(&iface)
+                && let Err(e) = self.detach_pod(&iface, 0)
+            {
+                tracing::warn!(error = %e, iface, "cannot remove stale links");
             }
         }
         for ifindex in self.counted_ifindexes() {
-            if !keep_ifindexes.contains(&ifindex) {
-                if let Err(e) = self.remove_counter(ifindex) {
-                    tracing::warn!(error = %e, ifindex, "cannot remove stale counters");
-                }
+            if !keep_ifindexes.contains(&ifindex)
+                && let Err(e) = self.remove_counter(ifindex)
+            {
+                tracing::warn!(error = %e, ifindex, "cannot remove stale counters");
             }
         }
     }
@@ -328,7 +329,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
         source,
     };
     let fs = nix::sys::statfs::statfs(path).map_err(|e| err(e.into()))?;
-    if i64::from(fs.filesystem_type().0) == BPF_FS_MAGIC {
+    if fs.filesystem_type().0 == BPF_FS_MAGIC {
         return Ok(());
     }
     tracing::info!(path = %path.display(), "bpffs is not mounted; mounting it");
@@ -353,7 +354,7 @@ fn program<'a>(
             what: "find",
             prog: name,
             iface: String::new(),
-            source,
+            source: Box::new(source),
         })
 }
 

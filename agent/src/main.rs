@@ -215,15 +215,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             dispatch.dispatch(ev);
         }
     });
-    wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
-    pod::import_images_now(&mgr).await;
-    mgr.adopt().await;
+    // Serve status and metrics even while containerd is still down.
     let http_task = tokio::spawn(http::serve(
         args.listen,
         mgr.clone(),
         node.clone(),
         cancel.clone(),
     ));
+    wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
+    pod::import_images_now(&mgr).await;
+    mgr.adopt().await;
     let watch = tokio::spawn(standalone::run(
         args.manifest_dir.clone(),
         mgr.clone(),

@@ -49,7 +49,7 @@ pub fn pod_uid(source: &str, namespace: &str, name: &str, content: &[u8]) -> Str
         h.update(part);
     }
     let d = h.finalize();
-    let x: String = d.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let x = crate::pod::hex(&d[..16]);
     format!(
         "{}-{}-{}-{}-{}",
         &x[0..8],
@@ -125,7 +125,7 @@ impl ManifestDir {
                     }
                 },
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "cannot read manifest")
+                    tracing::error!(file = %path.display(), error = %e, "cannot read manifest");
                 }
             }
         }
@@ -227,7 +227,7 @@ mod tests {
         // An invalid edit is refused; the last valid pod stays desired.
         std::fs::write(dir.join("web.yaml"), "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers: []\n  bogusField: 1\n")
             .expect("write");
-        let kept = s.scan().map_or_else(|| s.desired(), |d| d);
+        let kept = s.scan().unwrap_or_else(|| s.desired());
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].uid, uid);
         // A duplicate name in another file is refused.

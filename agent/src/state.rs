@@ -42,7 +42,7 @@ pub struct ContainerRecord {
 pub struct Terminated {
     /// Exit code (128 + signal when killed).
     pub exit_code: i32,
-    /// Completed, Error, OOMKilled, StartError.
+    /// Completed, Error, `OOMKilled`, `StartError`.
     pub reason: String,
     /// Detail, e.g. the start error.
     pub message: Option<String>,
@@ -150,10 +150,10 @@ impl StateDir {
             match std::fs::read(&path).map(|b| serde_json::from_slice::<PodRecord>(&b)) {
                 Ok(Ok(rec)) => out.push(rec),
                 Ok(Err(e)) => {
-                    tracing::error!(path = %path.display(), error = %e, "unreadable pod record")
+                    tracing::error!(path = %path.display(), error = %e, "unreadable pod record");
                 }
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot read pod record")
+                    tracing::error!(path = %path.display(), error = %e, "cannot read pod record");
                 }
             }
         }
@@ -173,10 +173,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     f.write_all(bytes).map_err(|e| err("write", e))?;
     f.sync_all().map_err(|e| err("sync", e))?;
     std::fs::rename(&tmp, path).map_err(|e| err("rename", e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }

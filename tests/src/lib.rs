@@ -148,7 +148,8 @@ fn dechunk(mut body: &str) -> String {
 
 /// A private containerd (own root, state and socket).
 pub struct Containerd {
-    child: Child,
+    child: Option<Child>,
+    config: PathBuf,
     /// Its socket.
     pub socket: PathBuf,
     dir: PathBuf,
@@ -168,23 +169,44 @@ impl Containerd {
                 socket.display()
             ),
         )?;
-        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        let mut me = Self {
+            child: None,
+            config,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        me.restart()?;
+        Ok(me)
+    }
+
+    /// SIGKILLs containerd (its shims, and so the containers, keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts containerd (again) with the same config and waits until it answers.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))?;
         let child = Command::new("containerd")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("start containerd (apt-get install containerd runc)")?;
-        let me = Self {
-            child,
-            socket,
-            dir: dir.to_path_buf(),
-        };
+        self.child = Some(child);
+        let sock = self.socket.clone();
         wait_for("containerd socket", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&me.socket).ok()
+            std::os::unix::net::UnixStream::connect(&sock).ok()
         })?;
-        Ok(me)
+        Ok(())
     }
 
     /// `ctr` against this containerd, as an independent observer.
@@ -198,8 +220,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         // Shims of this containerd outlive it: end them too.
         sh_quiet(
             "pkill",
@@ -554,6 +575,9 @@ fn cleanup_names(tag: &str, bridge: &str, dir: &Path) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.containerd.child.is_none() {
+            let _ = self.containerd.restart();
+        }
         // Let each agent tear its pods down the way a user would: remove the
         // manifests and wait for the pods to go.
         for n in &mut self.nodes {

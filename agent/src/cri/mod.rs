@@ -383,7 +383,7 @@ impl Runtime {
         }
     }
 
-    /// Deletes a stopped task. NotFound is success.
+    /// Deletes a stopped task. `NotFound` is success.
     pub async fn delete_task(&self, id: &str) -> Result<(), CriError> {
         match self
             .tasks()
@@ -402,7 +402,7 @@ impl Runtime {
     }
 
     /// Deletes the container and its rootfs snapshot (the task must be
-    /// gone). NotFound at any step is success.
+    /// gone). `NotFound` at any step is success.
     pub async fn delete_container(&self, id: &str) -> Result<(), CriError> {
         match self
             .containers()

@@ -98,8 +98,7 @@ pub struct Manager(Arc<Shared>);
 /// containerd id of a pod's container: short, unique per (pod, container).
 pub fn container_id(uid: &str, name: &str) -> String {
     let h = Sha256::digest(uid.as_bytes());
-    let hex: String = h.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    format!("{hex}-{name}")
+    format!("{}-{name}", hex(&h[..6]))
 }
 
 impl Manager {
@@ -359,6 +358,17 @@ impl Shared {
             tracing::debug!(count = ok.len(), "images imported");
         }
     }
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// `namespace/name` of a pod, for logs.

@@ -18,8 +18,8 @@ use crate::state::{ContainerRecord, Terminated};
 /// The live state of one container, as the worker knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Live {
-    /// Not running; `reason` says why (ContainerCreating, ErrImageNeverPull,
-    /// CrashLoopBackOff, ...).
+    /// Not running; `reason` says why (`ContainerCreating`, `ErrImageNeverPull`,
+    /// `CrashLoopBackOff`, ...).
     Waiting {
         /// Kubernetes-style reason.
         reason: String,
@@ -115,7 +115,7 @@ fn condition(kind: &str, ok: bool, now: i64) -> PodCondition {
     }
 }
 
-/// Builds the PodStatus.
+/// Builds the `PodStatus`.
 pub fn pod_status(
     containers: &[ContainerView],
     pod_ip: Option<std::net::Ipv4Addr>,
@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_cap() {
-        let (i, m) = (Duration::from_secs(10), Duration::from_secs(300));
+        let (i, m) = (Duration::from_secs(10), Duration::from_mins(5));
         let d: Vec<u64> = (0..8).map(|n| restart_delay(n, i, m).as_secs()).collect();
         assert_eq!(d, vec![0, 10, 20, 40, 80, 160, 300, 300]);
         assert_eq!(restart_delay(1000, i, m), m);

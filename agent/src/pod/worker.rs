@@ -183,7 +183,7 @@ impl Worker {
                 }
                 Ok(TaskState::Absent) => {}
                 Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "cannot read task state; will retry")
+                    tracing::warn!(container = %id, error = %e, "cannot read task state; will retry");
                 }
             }
         }
@@ -633,11 +633,11 @@ impl Worker {
                 clean = false;
             }
         }
-        if let Some(net) = &self.rec.net {
-            if let Err(e) = self.sh.dp.detach_pod(&net.host_veth, net.host_ifindex) {
-                tracing::warn!(error = %e, "cannot detach traffic counters");
-                clean = false;
-            }
+        if let Some(net) = &self.rec.net
+            && let Err(e) = self.sh.dp.detach_pod(&net.host_veth, net.host_ifindex)
+        {
+            tracing::warn!(error = %e, "cannot detach traffic counters");
+            clean = false;
         }
         if let Err(e) = self.sh.net.teardown_pod(&self.rec.uid).await {
             tracing::warn!(error = %e, "cannot tear down pod network");

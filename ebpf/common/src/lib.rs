@@ -43,10 +43,11 @@ pub struct TrafficCounters {
     pub tx_bytes: u64,
 }
 
-impl TrafficCounters {
+impl core::ops::Add for TrafficCounters {
+    type Output = Self;
+
     /// Adds another CPU's counters to these.
-    #[must_use]
-    pub fn add(self, other: Self) -> Self {
+    fn add(self, other: Self) -> Self {
         Self {
             rx_packets: self.rx_packets.wrapping_add(other.rx_packets),
             rx_bytes: self.rx_bytes.wrapping_add(other.rx_bytes),
@@ -97,7 +98,7 @@ mod tests {
             tx_bytes: 40,
         };
         assert_eq!(
-            a.add(b),
+            a + b,
             TrafficCounters {
                 rx_packets: 11,
                 rx_bytes: 22,
