@@ -511,13 +511,15 @@ fn bad_manifests_are_refused_clearly_and_missing_images_wait() -> anyhow::Result
             .filter(|r| r.0 == 200)
         })?;
     assert_eq!((code, body.trim()), (200, "replaced"));
-    assert_eq!(
-        n.pods()?
+    weir_tests::wait_for("the old good pod gone", Duration::from_secs(20), || {
+        (n.pods()
+            .ok()?
             .iter()
             .filter(|p| p["metadata"]["name"] == "good")
-            .count(),
-        1
-    );
+            .count()
+            == 1)
+            .then_some(())
+    })?;
     Ok(())
 }
 

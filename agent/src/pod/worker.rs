@@ -602,6 +602,12 @@ impl Worker {
         tracing::info!(pod = %pod_key(&self.rec.pod), "stopping pod");
         self.rec.terminating = true;
         self.save();
+        // Shown as Terminating (deletionTimestamp set) until it is gone.
+        self.rec.pod.metadata.deletion_timestamp =
+            k8s_openapi::jiff::Timestamp::from_second(now_unix())
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time);
+        self.publish();
         let grace = self
             .rec
             .pod
