@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod containerd;
 mod image;
 mod setup;
 mod up;
@@ -60,15 +61,57 @@ pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The whole suite: unit tests of every crate and the root e2e tests in
-/// tests/ (which need the agent binary and the busybox image).
+/// The whole suite: unit tests of every crate, the tests that need a
+/// containerd (given a private one) or root (`#[ignore]`d in plain `cargo
+/// test`), and the root e2e tests in tests/.
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     cargo(&["build", "-p", "weir-agent"])?;
     image::build_busybox_image(&image::default_out_dir())?;
-    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    let dir = std::env::temp_dir().join(format!("weir-xtask-test-{}", std::process::id()));
+    let cd = containerd::Containerd::start(&dir, &dir.join("root"))?;
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "weir-ebpf",
+        "--no-fail-fast",
+    ];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    args.extend(["--", "--include-ignored"]);
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo_bin)
+        .args(&args)
+        .current_dir(workspace_root())
+        .env("WEIR_TEST_CONTAINERD_SOCK", &cd.socket)
+        .status();
+    drop(cd);
+    cleanup_dir(&dir);
+    let status = status.map_err(|e| anyhow::anyhow!("run cargo test: {e}"))?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo {} failed: {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// Removes a containerd directory, unmounting what its snapshotter left.
+fn cleanup_dir(dir: &std::path::Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    let mut ours: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in ours {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", m])
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The workspace root (the parent of the xtask crate).

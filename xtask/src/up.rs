@@ -78,28 +78,12 @@ fn start_containerd() -> anyhow::Result<()> {
     if pid_alive(&pidfile).is_some() {
         return Ok(());
     }
-    std::fs::create_dir_all(CONTAINERD_DIR)?;
-    let config = Path::new(CONTAINERD_DIR).join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = \"{CONTAINERD_ROOT}\"\nstate = \"{CONTAINERD_DIR}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}\"\n[ttrpc]\n  address = \"{0}.ttrpc\"\n",
-            socket().display()
-        ),
+    let cd = crate::containerd::Containerd::start(
+        Path::new(CONTAINERD_DIR),
+        Path::new(CONTAINERD_ROOT),
     )?;
-    let log = std::fs::File::create(Path::new(CONTAINERD_DIR).join("containerd.log"))?;
-    let child = Command::new("containerd")
-        .arg("--config")
-        .arg(&config)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("start containerd")?;
-    std::fs::write(&pidfile, child.id().to_string())?;
-    wait("containerd", Duration::from_secs(20), || {
-        std::os::unix::net::UnixStream::connect(socket()).ok()
-    })?;
-    eprintln!("containerd up (socket {})", socket().display());
+    eprintln!("containerd up (socket {})", cd.socket.display());
+    std::fs::write(&pidfile, cd.detach().to_string())?;
     Ok(())
 }
 
@@ -257,13 +241,28 @@ pub fn up() -> anyhow::Result<()> {
         let all = !p.is_empty() && p.iter().all(|p| p["status"]["phase"] == "Running");
         (all && p.len() >= examples.len()).then_some(p)
     })?;
-    println!("\nPods on {NODE}:");
+    demo(&running)?;
+    let metrics = http_get(&format!("{NODE_IP}:10250"), "/metrics").unwrap_or_default();
+    println!("\nTraffic counted in eBPF (http://{NODE_IP}:10250/metrics):");
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_pod_network_receive_bytes_total{"))
+    {
+        println!("  {l}");
+    }
     println!(
-        "{:<12} {:<10} {:<14} {}",
-        "NAME", "STATUS", "IP", "RESTARTS"
+        "\nweir is up. Pod manifests: {} (add, change or remove files)\nAPI: http://{NODE_IP}:10250/api/v1/pods  logs: /var/log/weir/{NODE}.agent.log\nTear down: cargo xtask down",
+        manifests().display()
     );
+    Ok(())
+}
+
+/// Shows the pods and HTTP from the host to each pod and between pods.
+fn demo(running: &[serde_json::Value]) -> anyhow::Result<()> {
+    println!("\nPods on {NODE}:");
+    println!("{:<12} {:<10} {:<14} RESTARTS", "NAME", "STATUS", "IP");
     let mut webs = Vec::new();
-    for p in &running {
+    for p in running {
         let name = p["metadata"]["name"].as_str().unwrap_or("");
         let ip = p["status"]["podIP"].as_str().unwrap_or("");
         let restarts = p["status"]["containerStatuses"][0]["restartCount"]
@@ -320,18 +319,6 @@ pub fn up() -> anyhow::Result<()> {
             );
         }
     }
-    let metrics = http_get(&format!("{NODE_IP}:10250"), "/metrics").unwrap_or_default();
-    println!("\nTraffic counted in eBPF (http://{NODE_IP}:10250/metrics):");
-    for l in metrics
-        .lines()
-        .filter(|l| l.starts_with("weir_pod_network_receive_bytes_total{"))
-    {
-        println!("  {l}");
-    }
-    println!(
-        "\nweir is up. Pod manifests: {} (add, change or remove files)\nAPI: http://{NODE_IP}:10250/api/v1/pods  logs: /var/log/weir/{NODE}.agent.log\nTear down: cargo xtask down",
-        manifests().display()
-    );
     Ok(())
 }
 
@@ -345,7 +332,7 @@ pub fn down() -> anyhow::Result<()> {
     }
     let agent_pid = PathBuf::from("/run/weir").join(format!("{NODE}.agent.pid"));
     if let Some(pid) = pid_alive(&agent_pid) {
-        let gone = wait("pods removed", Duration::from_secs(60), || {
+        let gone = wait("pods removed", Duration::from_mins(1), || {
             pods().is_empty().then_some(())
         });
         if let Err(e) = gone {
