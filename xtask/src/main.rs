@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod containerd;
 mod image;
 mod setup;
@@ -33,6 +34,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run a benchmark (release agent, own node and containerd) and print
+    /// its `BENCH {json}` line.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up => up::up(),
         Cmd::Down => up::down(),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench(args) => bench::run(&args),
     }
 }
 

@@ -1,0 +1,76 @@
+//! `cargo xtask bench <name>`: benchmarks of weir-agent on a node built for
+//! the run, against a named baseline in the same run where there is one.
+//! Progress goes to stderr; each benchmark ends with one line
+//! `BENCH {json}` on stdout (figures, baseline, ratio, target, `target_met`).
+//! docs/benchmarks.md records the results.
+
+mod baseline;
+mod density;
+mod env;
+mod pod_start;
+mod probe;
+mod util;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::ensure;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    bench: Which,
+    /// Run this weir-agent binary instead of building and running
+    /// target/release/weir-agent.
+    #[arg(long, global = true, value_name = "PATH")]
+    agent: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Which {
+    /// Pods handed to the agent at once: time from the manifests to each
+    /// pod's first TCP connect, against containerd + CNI bridge directly.
+    PodStart {
+        /// Pods in the burst.
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+    },
+    /// Pods on one node: the agent's RSS and its CPU use while idle.
+    Density {
+        /// Pods on the node.
+        #[arg(long, default_value_t = 250)]
+        pods: usize,
+        /// Length of the idle CPU window, in seconds.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+    },
+}
+
+/// Most pods a node's /24 holds (.2-.254).
+const MAX_PODS: usize = 253;
+
+/// Runs `cargo xtask bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let pods = match args.bench {
+        Which::PodStart { pods } | Which::Density { pods, .. } => pods,
+    };
+    ensure!(
+        (1..=MAX_PODS).contains(&pods),
+        "--pods must be 1..={MAX_PODS} (one /24 per node)"
+    );
+    crate::setup::setup()?;
+    let agent = if let Some(a) = &args.agent {
+        a.clone()
+    } else {
+        crate::cargo(&["build", "--release", "-p", "weir-agent"])?;
+        crate::workspace_root().join("target/release/weir-agent")
+    };
+    ensure!(agent.exists(), "{} is missing", agent.display());
+    let image = crate::image::build_busybox_image(&crate::image::default_out_dir())?;
+    match args.bench {
+        Which::PodStart { pods } => pod_start::run(&agent, &image, pods),
+        Which::Density { pods, idle_secs } => {
+            density::run(&agent, &image, pods, Duration::from_secs(idle_secs))
+        }
+    }
+}
