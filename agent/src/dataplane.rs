@@ -38,6 +38,9 @@ pub enum DataplaneError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The blocking task doing the work failed.
+    #[error("dataplane task: {0}")]
+    Task(String),
     /// The object could not be loaded.
     #[error("load eBPF object: {0}")]
     Load(#[from] Box<aya::EbpfError>),

@@ -10,8 +10,11 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
+
+use tokio::sync::Notify;
 
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -19,8 +22,11 @@ use weir_proto::manifest;
 
 use crate::pod::{DesiredPod, Manager};
 
-/// How often the directory is rescanned.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the directory is rescanned without a change notification
+/// (inotify can overflow, and a directory may not support it).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// Rescan interval when inotify is unavailable.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 struct FileState {
     stamp: (SystemTime, u64),
@@ -72,7 +78,7 @@ impl ManifestDir {
 
     /// Rescans the directory; returns the desired pods if anything changed.
     pub fn scan(&mut self) -> Option<Vec<DesiredPod>> {
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut changed = !self.scanned;
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -81,28 +87,31 @@ impl ManifestDir {
                 return None;
             }
         };
-        let mut paths: Vec<PathBuf> = entries
+        let mut files: Vec<(PathBuf, (SystemTime, u64))> = entries
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-                let hidden = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with('.'));
-                !hidden && matches!(ext, "yaml" | "yml" | "json") && p.is_file()
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path.file_name()?.to_str()?;
+                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if name.starts_with('.') || !matches!(ext, "yaml" | "yml" | "json") {
+                    return None;
+                }
+                // One stat per file (following symlinks, as a reader would).
+                let meta = std::fs::metadata(&path)
+                    .ok()
+                    .filter(std::fs::Metadata::is_file)?;
+                Some((
+                    path,
+                    (
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        meta.len(),
+                    ),
+                ))
             })
             .collect();
-        paths.sort();
-        for path in paths {
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            let stamp = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
-            seen.push(path.clone());
+        files.sort();
+        for (path, stamp) in files {
+            seen.insert(path.clone());
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
@@ -184,16 +193,51 @@ fn parse_file(source: &str, bytes: &[u8]) -> Result<Vec<DesiredPod>, manifest::M
     Ok(out)
 }
 
+/// Wakes `notify` whenever an entry of `dir` changes (inotify, on a thread
+/// of its own that blocks in read). Returns false if inotify is unavailable.
+fn watch(dir: &Path, notify: Arc<Notify>) -> bool {
+    use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify};
+    let Ok(ino) = Inotify::init(InitFlags::IN_CLOEXEC) else {
+        return false;
+    };
+    let flags = F::IN_CREATE
+        | F::IN_DELETE
+        | F::IN_MODIFY
+        | F::IN_CLOSE_WRITE
+        | F::IN_MOVED_TO
+        | F::IN_MOVED_FROM
+        | F::IN_ATTRIB;
+    if ino.add_watch(dir, flags).is_err() {
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("weir-manifests".into())
+        .spawn(move || {
+            while ino.read_events().is_ok() {
+                notify.notify_one();
+            }
+        })
+        .is_ok()
+}
+
 /// Follows the directory until `cancel`, reconciling pods on every change.
 pub async fn run(dir: PathBuf, mgr: Manager, cancel: CancellationToken) {
     let mut scanner = ManifestDir::new(&dir);
+    let notify = Arc::new(Notify::new());
+    let interval = if watch(&dir, notify.clone()) {
+        RESYNC_INTERVAL
+    } else {
+        tracing::warn!(dir = %dir.display(), "no inotify on the manifest directory; polling it");
+        POLL_INTERVAL
+    };
     loop {
         if let Some(desired) = tokio::task::block_in_place(|| scanner.scan()) {
             mgr.reconcile(&desired);
         }
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(SCAN_INTERVAL) => {}
+            () = notify.notified() => {}
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -286,14 +286,14 @@ impl Runtime {
         Ok(r.into_inner().mounts)
     }
 
-    /// Creates and starts the container's task with stdout and stderr
-    /// appended to `log`. Returns the pid.
-    pub async fn start_task(
+    /// Creates the container's task (its process is set up but not
+    /// running) with stdout and stderr appended to `log`.
+    pub async fn create_task(
         &self,
         id: &str,
         rootfs: Vec<Mount>,
         log: &Path,
-    ) -> Result<u32, CriError> {
+    ) -> Result<(), CriError> {
         let uri = format!("file://{}", log.display());
         let created = self
             .tasks()
@@ -309,10 +309,14 @@ impl Runtime {
             ))
             .await;
         match created {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) => return Err(CriError::call("create task", id, s)),
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(CriError::call("create task", id, s)),
         }
+    }
+
+    /// Starts a created task. Returns the pid.
+    pub async fn start_task(&self, id: &str) -> Result<u32, CriError> {
         let started = self
             .tasks()
             .start(request(

@@ -151,6 +151,13 @@ pub(crate) async fn configure_veth(
             e,
         )
     })?;
+    // Proxy ARP replies are delayed by a random 0-0.8 s by default
+    // (neigh.proxy_delay): a pod's first packet would wait that long for
+    // its gateway's MAC. This thread runs in the node netns, so /proc/sys
+    // resolves to the node's view of the veth.
+    let delay = format!("/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay");
+    std::fs::write(&delay, "0")
+        .map_err(|e| NetError::io(format!("set {delay} for pod {pod}"), e))?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(ip, 32)
         .output_interface(index)

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tokio::{sync::mpsc, time::Instant};
 
@@ -46,7 +47,14 @@ pub(super) struct Worker {
     oom: HashMap<String, bool>,
     netns: Option<PathBuf>,
     net_error: Option<String>,
+    /// The traffic counters' attach, running off the async threads while
+    /// the containers are created; awaited before any process starts.
+    attach: Option<Attach>,
 }
+
+/// An eBPF attach in flight (each TCX attach waits out an RCU grace period
+/// under RTNL, ~11 ms here, so it must not sit on the runtime's threads).
+type Attach = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 impl Worker {
     pub(super) fn new(sh: Arc<Shared>, rec: PodRecord, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
@@ -60,6 +68,7 @@ impl Worker {
             oom: HashMap::new(),
             netns: None,
             net_error: None,
+            attach: None,
         }
     }
 
@@ -95,7 +104,8 @@ impl Worker {
     }
 
     fn save(&self) {
-        if let Err(e) = self.sh.state.save(&self.rec) {
+        // fsync: keep it off the runtime's few threads' critical path.
+        if let Err(e) = tokio::task::block_in_place(|| self.sh.state.save(&self.rec)) {
             tracing::error!(pod = %pod_key(&self.rec.pod), error = %e, "cannot save pod record");
         }
     }
@@ -365,9 +375,18 @@ impl Worker {
                     host_veth: net.host_veth.clone(),
                     host_ifindex: net.host_ifindex,
                 };
-                if let Err(e) = self.sh.dp.attach_pod(&net.host_veth, net.host_ifindex) {
-                    return self.net_failed(format!("attach traffic counters: {e}"));
-                }
+                let (sh, veth, ifindex) =
+                    (self.sh.clone(), net.host_veth.clone(), net.host_ifindex);
+                let attach = tokio::task::spawn_blocking(move || sh.dp.attach_pod(&veth, ifindex));
+                self.attach = Some(
+                    futures::FutureExt::boxed(async move {
+                        match attach.await {
+                            Ok(r) => r.map_err(|e| format!("attach traffic counters: {e}")),
+                            Err(e) => Err(format!("attach traffic counters: {e}")),
+                        }
+                    })
+                    .shared(),
+                );
                 if let Err(e) = self.write_hosts(net.ip) {
                     return self.net_failed(format!("write /etc/hosts: {e}"));
                 }
@@ -453,6 +472,19 @@ impl Worker {
             }
         };
         let result = self.create_and_start(c, &image_ref, &top).await;
+        let result = match result {
+            Err(StartFailure::Dataplane(msg)) => {
+                // The container is created but not started: retry the
+                // attach (with the network step) and start it then.
+                tracing::warn!(pod = %pod_key(&self.rec.pod), error = %msg, "retrying");
+                self.attach = None;
+                self.netns = None;
+                self.wait(&c.name, "ContainerCreating", msg, RETRY);
+                return;
+            }
+            Err(StartFailure::Cri(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         if !matches!(&result, Err(e) if e.is_unavailable()) {
             // An attempt after an earlier run is a restart, whether or not
             // the process comes up.
@@ -526,7 +558,7 @@ impl Worker {
         c: &Container,
         image_ref: &str,
         top: &str,
-    ) -> Result<(), crate::cri::CriError> {
+    ) -> Result<(), StartFailure> {
         let rt = &self.sh.rt;
         let img = rt.image_config(image_ref).await?;
         let command = c.command.clone().unwrap_or_default();
@@ -593,7 +625,14 @@ impl Worker {
         if let Some(d) = log.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        rt.start_task(&id, mounts, &log).await?;
+        rt.create_task(&id, mounts, &log).await?;
+        // No process runs before its pod's traffic is counted.
+        if let Some(attach) = self.attach.clone()
+            && let Err(e) = attach.await
+        {
+            return Err(StartFailure::Dataplane(e));
+        }
+        rt.start_task(&id).await?;
         Ok(())
     }
 
@@ -639,11 +678,16 @@ impl Worker {
                 clean = false;
             }
         }
-        if let Some(net) = &self.rec.net
-            && let Err(e) = self.sh.dp.detach_pod(&net.host_veth, net.host_ifindex)
-        {
-            tracing::warn!(error = %e, "cannot detach traffic counters");
-            clean = false;
+        if let Some(net) = &self.rec.net {
+            // Each TCX detach waits out an RCU grace period: off the runtime.
+            let (sh, veth, ifindex) = (self.sh.clone(), net.host_veth.clone(), net.host_ifindex);
+            let detached = tokio::task::spawn_blocking(move || sh.dp.detach_pod(&veth, ifindex))
+                .await
+                .unwrap_or_else(|e| Err(crate::dataplane::DataplaneError::Task(e.to_string())));
+            if let Err(e) = detached {
+                tracing::warn!(error = %e, "cannot detach traffic counters");
+                clean = false;
+            }
         }
         if let Err(e) = self.sh.net.teardown_pod(&self.rec.uid).await {
             tracing::warn!(error = %e, "cannot tear down pod network");
@@ -712,6 +756,20 @@ impl Worker {
                 .expect("ifindex lock poisoned")
                 .insert(self.rec.uid.clone(), n.host_ifindex);
         }
+    }
+}
+
+/// Why a container did not start.
+enum StartFailure {
+    /// containerd refused or is unreachable.
+    Cri(crate::cri::CriError),
+    /// The pod's traffic counters could not be attached.
+    Dataplane(String),
+}
+
+impl From<crate::cri::CriError> for StartFailure {
+    fn from(e: crate::cri::CriError) -> Self {
+        Self::Cri(e)
     }
 }
 
