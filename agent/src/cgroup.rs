@@ -100,6 +100,19 @@ impl Layout {
         }
     }
 
+    /// How many processes of cgroup `rel` the kernel OOM-killed (the
+    /// `oom_kill` counter of `memory.events` on v2, `memory.oom_control` on v1).
+    pub fn oom_kills(&self, rel: &str) -> Option<u64> {
+        let rel = rel.trim_start_matches('/');
+        match self {
+            Self::V2(root) => stat_field(&read(&root.join(rel).join("memory.events"))?, "oom_kill"),
+            Self::V1(root) => stat_field(
+                &read(&root.join("memory").join(rel).join("memory.oom_control"))?,
+                "oom_kill",
+            ),
+        }
+    }
+
     /// Removes cgroup `rel` and everything below it, deepest first, in
     /// every hierarchy. Directories still holding processes are left (and
     /// reported); missing ones are fine.
@@ -155,7 +168,13 @@ mod tests {
         std::fs::write(v2.join("ns/pod/memory.current"), "1000\n").expect("write");
         std::fs::write(v2.join("ns/pod/memory.stat"), "anon 1\ninactive_file 400\n")
             .expect("write");
+        std::fs::write(
+            v2.join("ns/pod/memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .expect("write");
         let l = Layout::detect(&v2);
+        assert_eq!(l.oom_kills("ns/pod"), Some(1));
         assert!(matches!(l, Layout::V2(_)));
         let u = l.usage("/ns/pod").expect("usage");
         assert!((u.cpu_seconds - 2.5).abs() < 1e-9);
@@ -171,8 +190,14 @@ mod tests {
             "cache 1\ntotal_inactive_file 1000\n",
         )
         .expect("write");
+        std::fs::write(
+            v1.join("memory/ns/pod/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .expect("write");
         let l = Layout::detect(&v1);
         assert!(matches!(l, Layout::V1(_)));
+        assert_eq!(l.oom_kills("ns/pod"), Some(2));
         let u = l.usage("ns/pod").expect("usage");
         assert!((u.cpu_seconds - 3.0).abs() < 1e-9);
         assert_eq!((u.memory_bytes, u.working_set_bytes), (5000, 4000));

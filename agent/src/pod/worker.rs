@@ -286,6 +286,13 @@ impl Worker {
     /// Records how a run ended and decides about the restart.
     async fn on_exit(&mut self, name: &str, exit_status: u32, exited_at: Option<i64>, oom: bool) {
         let id = self.cid(name);
+        // The OOM event can trail the exit event by more than the grace we
+        // give it; the kernel's own count in the container's cgroup (gone
+        // once the task is deleted) settles it.
+        let cgroup = format!("/{}/{}/{name}", self.sh.rt.namespace(), self.rec.uid);
+        let oom = oom
+            || (exit_status == 128 + SIGKILL
+                && self.sh.cgroups.oom_kills(&cgroup).is_some_and(|n| n > 0));
         if let Err(e) = self.sh.rt.delete_task(&id).await {
             tracing::warn!(container = %id, error = %e, "cannot delete exited task");
         }
