@@ -1,6 +1,7 @@
 //! End-to-end test harness: a private containerd, a host bridge and node
 //! network namespaces, real weir-agent processes, and probes that observe
-//! the result from outside (HTTP, `ip`, cgroupfs, bpffs).
+//! the result from outside (HTTP, `ip`, cgroupfs, bpffs). xtask's `up` and
+//! `bench` use its small helpers too.
 //!
 //! Everything a [`Cluster`] creates carries its tag and is removed when it
 //! drops, even when the test failed. Clusters are serialized by a process-
@@ -81,10 +82,17 @@ pub fn sh_quiet(cmd: &str, args: &[&str]) {
         .status();
 }
 
-/// Polls `f` until it returns Some, or fails after `limit` with `what`.
-pub fn wait_for<T>(
+/// Polls `f` every 100 ms until it returns Some, or fails after `limit`
+/// with `what`.
+pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    wait_for_every(what, limit, Duration::from_millis(100), f)
+}
+
+/// Polls `f` every `every` until it returns Some, or fails after `limit`.
+pub fn wait_for_every<T>(
     what: &str,
     limit: Duration,
+    every: Duration,
     mut f: impl FnMut() -> Option<T>,
 ) -> anyhow::Result<T> {
     let start = Instant::now();
@@ -95,7 +103,7 @@ pub fn wait_for<T>(
         if start.elapsed() > limit {
             bail!("timed out after {limit:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
 }
 
@@ -149,6 +157,7 @@ fn dechunk(mut body: &str) -> String {
 /// A private containerd (own root, state and socket).
 pub struct Containerd {
     child: Option<Child>,
+    detached: bool,
     config: PathBuf,
     /// Its socket.
     pub socket: PathBuf,
@@ -156,15 +165,23 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts one under `dir` and waits until it answers.
+    /// Starts one under `dir` (content and snapshots too) and waits until
+    /// it answers.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with_root(dir, &dir.join("root"))
+    }
+
+    /// Starts one with state and socket under `dir`, content and snapshots
+    /// under `root`, and waits until it answers.
+    pub fn start_with_root(dir: &Path, root: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n",
+                "version = 2\nroot = \"{}\"\nstate = \"{}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{2}\"\n[ttrpc]\n  address = \"{2}.ttrpc\"\n",
+                root.display(),
                 dir.display(),
                 socket.display()
             ),
@@ -174,9 +191,17 @@ impl Containerd {
             config,
             socket,
             dir: dir.to_path_buf(),
+            detached: false,
         };
         me.restart()?;
         Ok(me)
+    }
+
+    /// Leaves containerd running past this value (and its directory in
+    /// place); returns its pid.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.child.take().map_or(0, |c| c.id())
     }
 
     /// SIGKILLs containerd (its shims, and so the containers, keep running).
@@ -220,6 +245,9 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         self.kill();
         // Shims of this containerd outlive it: end them too.
         sh_quiet(
@@ -657,7 +685,8 @@ impl Drop for Cluster {
     }
 }
 
-fn remove_cgroup_tree(dir: &Path) {
+/// Removes a cgroup directory and everything below it, deepest first.
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -687,4 +716,12 @@ spec:
     - containerPort: {port}
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dechunks_chunked_bodies() {
+        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
 }

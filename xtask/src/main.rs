@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod containerd;
 mod image;
 mod setup;
 mod up;
@@ -74,7 +73,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo(&["build", "-p", "weir-agent"])?;
     image::build_busybox_image(&image::default_out_dir())?;
     let dir = std::env::temp_dir().join(format!("weir-xtask-test-{}", std::process::id()));
-    let cd = containerd::Containerd::start(&dir, &dir.join("root"))?;
+    let cd = weir_tests::Containerd::start(&dir)?;
     let mut args = vec![
         "test",
         "--workspace",
@@ -90,8 +89,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .current_dir(workspace_root())
         .env("WEIR_TEST_CONTAINERD_SOCK", &cd.socket)
         .status();
+    // Dropping it ends containerd and its shims and removes the directory.
     drop(cd);
-    cleanup_dir(&dir);
     let status = status.map_err(|e| anyhow::anyhow!("run cargo test: {e}"))?;
     anyhow::ensure!(
         status.success(),
@@ -99,24 +98,6 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         args.join(" ")
     );
     Ok(())
-}
-
-/// Removes a containerd directory, unmounting what its snapshotter left.
-fn cleanup_dir(dir: &std::path::Path) {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let prefix = dir.display().to_string();
-    let mut ours: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-    ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in ours {
-        let _ = std::process::Command::new("umount")
-            .args(["-l", m])
-            .status();
-    }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The workspace root (the parent of the xtask crate).

@@ -11,7 +11,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -55,19 +55,6 @@ fn quiet(cmd: &str, args: &[&str]) {
         .status();
 }
 
-fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn pid_alive(pidfile: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
@@ -78,7 +65,7 @@ fn start_containerd() -> anyhow::Result<()> {
     if pid_alive(&pidfile).is_some() {
         return Ok(());
     }
-    let cd = crate::containerd::Containerd::start(
+    let cd = weir_tests::Containerd::start_with_root(
         Path::new(CONTAINERD_DIR),
         Path::new(CONTAINERD_ROOT),
     )?;
@@ -189,19 +176,9 @@ fn start_agent(agent: &Path, image_dir: &Path) -> anyhow::Result<()> {
 }
 
 fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let addr: std::net::SocketAddr = addr.parse().ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    let (code, body) =
+        weir_tests::http_get(addr.parse().ok()?, path, Duration::from_secs(5)).ok()?;
+    (code == 200).then_some(body)
 }
 
 fn pods() -> Vec<serde_json::Value> {
@@ -222,7 +199,7 @@ pub fn up() -> anyhow::Result<()> {
     node_network()?;
     std::fs::create_dir_all(manifests())?;
     start_agent(&root.join("target/debug/weir-agent"), &image_dir)?;
-    wait("weir-agent API", Duration::from_secs(30), || {
+    weir_tests::wait_for("weir-agent API", Duration::from_secs(30), || {
         http_get(&format!("{NODE_IP}:10250"), "/healthz")
     })?;
     let mut examples: Vec<PathBuf> = std::fs::read_dir(root.join("examples"))?
@@ -236,7 +213,7 @@ pub fn up() -> anyhow::Result<()> {
         std::fs::copy(e, manifests().join(name))?;
         eprintln!("applied {}", e.display());
     }
-    let running = wait("example pods Running", Duration::from_secs(90), || {
+    let running = weir_tests::wait_for("example pods Running", Duration::from_secs(90), || {
         let p = pods();
         let all = !p.is_empty() && p.iter().all(|p| p["status"]["phase"] == "Running");
         (all && p.len() >= examples.len()).then_some(p)
@@ -284,7 +261,7 @@ fn demo(running: &[serde_json::Value]) -> anyhow::Result<()> {
     }
     println!();
     for (name, ip, port, _) in &webs {
-        let body = wait(
+        let body = weir_tests::wait_for(
             &format!("{name} answering the host"),
             Duration::from_secs(20),
             || http_get(&format!("{ip}:{port}"), "/"),
@@ -332,7 +309,7 @@ pub fn down() -> anyhow::Result<()> {
     }
     let agent_pid = PathBuf::from("/run/weir").join(format!("{NODE}.agent.pid"));
     if let Some(pid) = pid_alive(&agent_pid) {
-        let gone = wait("pods removed", Duration::from_mins(1), || {
+        let gone = weir_tests::wait_for("pods removed", Duration::from_mins(1), || {
             pods().is_empty().then_some(())
         });
         if let Err(e) = gone {

@@ -19,7 +19,9 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use super::util::{cmdline, http_get, kill_if, pids_where, sh, sh_quiet, signal, wait_for};
+use super::util::{
+    cmdline, http_get, kill_if, pids_where, remove_cgroup_tree, sh, sh_quiet, signal, wait_for,
+};
 
 /// Where everything the benchmarks write lives (containerd root, agent state).
 pub(crate) const DIR: &str = "/tmp/weir-bench";
@@ -175,40 +177,9 @@ impl Drop for Net {
     }
 }
 
-/// The benchmarks' private containerd (the shared launcher: own root, state
-/// and socket, no CRI plugin); dropping also ends its shims.
-pub(crate) struct Containerd {
-    inner: Option<crate::containerd::Containerd>,
-    /// Its socket.
-    pub socket: PathBuf,
-}
-
-impl Containerd {
-    fn start() -> anyhow::Result<Self> {
-        let dir = containerd_dir();
-        let inner = crate::containerd::Containerd::start(&dir, &dir.join("root"))
-            .context("start containerd (cargo xtask setup installs it)")?;
-        Ok(Self {
-            socket: inner.socket.clone(),
-            inner: Some(inner),
-        })
-    }
-
-    /// `ctr` against this containerd in containerd namespace `ns`.
-    pub fn ctr(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
-        let sock = self.socket.display().to_string();
-        let mut all = vec!["-a", sock.as_str(), "-n", ns];
-        all.extend_from_slice(args);
-        sh("ctr", &all)
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        drop(self.inner.take());
-        kill_shims();
-    }
-}
+/// The benchmarks' private containerd: the harness's (own root, state and
+/// socket, no CRI plugin); dropping it also ends its shims and mounts.
+pub(crate) use weir_tests::Containerd;
 
 /// Whether `c` is the command line of the benchmarks' containerd.
 fn is_our_containerd(c: &[String]) -> bool {
@@ -418,7 +389,8 @@ impl Env {
         )?;
         let scrub_guard = Scrub;
         let net = Net::create(with_baseline_node).context("create bench network")?;
-        let containerd = Containerd::start()?;
+        let containerd = Containerd::start(&containerd_dir())
+            .context("start containerd (cargo xtask setup installs it)")?;
         eprintln!(
             "bench: containerd up ({}), node {NODE} at {NODE_IP}",
             containerd.socket.display()
@@ -555,15 +527,4 @@ fn cgroup_pids(dir: &Path) -> Vec<u32> {
         }
     }
     pids
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }

@@ -1,115 +1,14 @@
 //! Small helpers shared by the benchmarks: commands, bounded waits, a plain
 //! HTTP client, `/proc` readings and statistics.
 
-use std::{
-    fs::File,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{fs::File, path::Path, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use nix::sys::signal::Signal;
 
-/// Runs a command, failing with its stderr when it fails; returns stdout.
-pub(crate) fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs a command and ignores how it went (cleanup of what may be gone).
-pub(crate) fn sh_quiet(cmd: &str, args: &[&str]) {
-    let _ = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Polls `f` every `every` until it returns `Some`, failing after `limit`.
-pub(crate) fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(every);
-    }
-}
-
-/// A plain HTTP/1.1 GET with `Connection: close`; returns (status, body).
-pub(crate) fn http_get(
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)
-        .with_context(|| format!("read from {addr}"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Ok((
-        code,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    ))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
+pub(crate) use weir_tests::{
+    http_get, remove_cgroup_tree, sh, sh_quiet, wait_for_every as wait_for,
+};
 
 /// Moves the calling thread (only it) into the network namespace at `path`.
 /// Sockets it opens and processes it spawns afterwards live there.
@@ -264,10 +163,5 @@ mod tests {
         let one = [Duration::from_millis(7)];
         assert_eq!(percentile(&one, 50), Duration::from_millis(7));
         assert_eq!(percentile(&one, 99), Duration::from_millis(7));
-    }
-
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
     }
 }
