@@ -138,8 +138,13 @@ fn main() -> anyhow::Result<()> {
     // freed memory in them; the agent's short-lived pod-netns threads would
     // leave dozens of mostly-empty arenas resident. Two are plenty here.
     // SAFETY: mallopt is called before any other thread exists.
+    // A fixed mmap threshold also stops glibc from raising it after big
+    // frees: large buffers (a 250-pod PodList is ~0.5 MB) then always come
+    // from mmap and go back to the kernel when freed, instead of fragmenting
+    // the heap for good.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -89,7 +89,14 @@ pub(crate) struct Shared {
     views: RwLock<BTreeMap<String, Pod>>,
     ifindexes: RwLock<HashMap<String, u32>>,
     last_import: tokio::sync::Mutex<Option<Instant>>,
+    /// Bounds how many pods run a start step at once: on a small node a
+    /// burst of hundreds only thrashes (every step ends in runc, which is
+    /// CPU-bound) and holds every in-flight step's memory at once.
+    steps: tokio::sync::Semaphore,
 }
+
+/// Pods that may run a start step (network, containers) at the same time.
+pub const CONCURRENT_STEPS: usize = 16;
 
 /// Starts, adopts and stops pod workers.
 #[derive(Clone)]
@@ -123,6 +130,7 @@ impl Manager {
             views: RwLock::new(BTreeMap::new()),
             ifindexes: RwLock::new(HashMap::new()),
             last_import: tokio::sync::Mutex::new(None),
+            steps: tokio::sync::Semaphore::new(CONCURRENT_STEPS),
         }))
     }
 

@@ -114,6 +114,11 @@ impl Worker {
         container_id(&self.rec.uid, name)
     }
 
+    /// The worker's loop. Each step is boxed: a task's future is as large
+    /// as its largest state, and a worker spends its life waiting for a
+    /// message, so the steps' big futures (tonic calls, netlink) are only
+    /// allocated while a step runs. At 250 pods this is most of the agent's
+    /// per-pod memory.
     pub(super) async fn run(mut self, adopt: bool) {
         for c in self.containers() {
             let id = self.cid(&c.name);
@@ -134,15 +139,15 @@ impl Worker {
             self.live.insert(c.name.clone(), live);
         }
         if self.rec.terminating {
-            self.terminate().await;
+            Box::pin(self.terminate()).await;
             return;
         }
         self.save();
         if adopt {
-            self.adopt_tasks().await;
+            Box::pin(self.adopt_tasks()).await;
         }
         loop {
-            self.converge().await;
+            Box::pin(self.converge()).await;
             self.publish();
             let msg = if let Some(m) = self.deferred.pop_front() {
                 Some(m)
@@ -156,12 +161,12 @@ impl Worker {
             match msg {
                 None => return, // manager gone: leave the pod running
                 Some(Msg::Stop(done)) => {
-                    self.terminate().await;
+                    Box::pin(self.terminate()).await;
                     let _ = done.send(());
                     return;
                 }
-                Some(Msg::Resync) => self.resync().await,
-                Some(Msg::Task(ev)) => self.on_event(ev).await,
+                Some(Msg::Resync) => Box::pin(self.resync()).await,
+                Some(Msg::Task(ev)) => Box::pin(self.on_event(ev)).await,
             }
         }
     }
@@ -362,6 +367,21 @@ impl Worker {
 
     /// Brings network and containers as far as they can go right now.
     async fn converge(&mut self) {
+        let now = Instant::now();
+        let due = self.netns.is_none()
+            || self.containers().iter().any(|c| {
+                matches!(self.live.get(&c.name), Some(Live::Waiting { .. }))
+                    && self.retry_at.get(&c.name).is_none_or(|t| *t <= now)
+            });
+        if !due {
+            return;
+        }
+        let sh = self.sh.clone();
+        let _permit = sh
+            .steps
+            .acquire()
+            .await
+            .expect("the step semaphore is never closed");
         if self.netns.is_none() && !self.setup_network().await {
             return;
         }
