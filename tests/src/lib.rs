@@ -154,6 +154,48 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// Builds a node the way a machine would be cabled: network namespace
+/// `name` joined to `bridge` by a veth (`host_if` on the host, eth0 inside)
+/// with `ip`/24, loopback up, a default route via `gateway`, and forwarding
+/// on inside the node (never on the host).
+pub fn add_node_netns(
+    name: &str,
+    host_if: &str,
+    bridge: &str,
+    ip: &str,
+    gateway: &str,
+) -> anyhow::Result<()> {
+    sh("ip", &["netns", "add", name])?;
+    sh(
+        "ip",
+        &[
+            "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
+        ],
+    )?;
+    sh("ip", &["link", "set", host_if, "master", bridge, "up"])?;
+    let n = |args: &[&str]| {
+        let mut all = vec!["-n", name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    };
+    n(&["link", "set", "lo", "up"])?;
+    n(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    n(&["link", "set", "eth0", "up"])?;
+    n(&["route", "add", "default", "via", gateway])?;
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    )?;
+    Ok(())
+}
+
 /// A private containerd (own root, state and socket).
 pub struct Containerd {
     child: Option<Child>,
@@ -525,44 +567,13 @@ impl Cluster {
         let pod_net = self.subnet * 4 + idx;
         let pod_cidr = format!("10.244.{pod_net}.0/24");
         let host_if = format!("wt{}h{}", self.tag, i + 1);
-        sh("ip", &["netns", "add", &name])?;
-        sh(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
-            ],
-        )?;
-        sh(
-            "ip",
-            &["link", "set", &host_if, "master", &self.bridge, "up"],
-        )?;
-        let n = |args: &[&str]| {
-            let mut all = vec!["-n", name.as_str()];
-            all.extend_from_slice(args);
-            sh("ip", &all)
-        };
-        n(&["link", "set", "lo", "up"])?;
-        n(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        n(&["link", "set", "eth0", "up"])?;
-        n(&[
-            "route",
-            "add",
-            "default",
-            "via",
+        add_node_netns(
+            &name,
+            &host_if,
+            &self.bridge,
+            &ip.to_string(),
             &format!("10.250.{}.1", self.subnet),
-        ])?;
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
         )?;
-        sh("ip", &["route", "add", &pod_cidr, "via", &ip.to_string()])?;
         let dir = self.dir.join(&name);
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests)?;

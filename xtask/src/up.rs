@@ -92,41 +92,7 @@ fn node_network() -> anyhow::Result<()> {
         .lines()
         .any(|l| l.split_whitespace().next() == Some(NODE))
     {
-        ip(&["netns", "add", NODE])?;
-        ip(&[
-            "link",
-            "add",
-            "weir-n1-up",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            NODE,
-        ])?;
-        ip(&["link", "set", "weir-n1-up", "master", BRIDGE, "up"])?;
-        ip(&["-n", NODE, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            NODE,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", NODE, "link", "set", "eth0", "up"])?;
-        ip(&["-n", NODE, "route", "add", "default", "via", HOST_IP])?;
-        // Forwarding is a node setting: set inside the node, never on the host.
-        ip(&[
-            "netns",
-            "exec",
-            NODE,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
+        weir_tests::add_node_netns(NODE, "weir-n1-up", BRIDGE, NODE_IP, HOST_IP)?;
     }
     if ip(&["route", "show", POD_CIDR])?.trim().is_empty() {
         ip(&["route", "add", POD_CIDR, "via", NODE_IP])?;

@@ -122,44 +122,7 @@ impl Net {
 impl NodeNs {
     fn create(&self) -> anyhow::Result<()> {
         let name = self.name;
-        sh("ip", &["netns", "add", name])?;
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                self.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                name,
-            ],
-        )?;
-        sh("ip", &["link", "set", self.host_if, "master", BRIDGE, "up"])?;
-        let n = |args: &[&str]| {
-            let mut all = vec!["-n", name];
-            all.extend_from_slice(args);
-            sh("ip", &all)
-        };
-        n(&["link", "set", "lo", "up"])?;
-        n(&["addr", "add", &format!("{}/24", self.ip), "dev", "eth0"])?;
-        n(&["link", "set", "eth0", "up"])?;
-        n(&["route", "add", "default", "via", HOST_IP])?;
-        // Forwarding is a node setting: set inside the node, never on the host.
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                name,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        )?;
+        weir_tests::add_node_netns(name, self.host_if, BRIDGE, &self.ip.to_string(), HOST_IP)?;
         Ok(())
     }
 }
