@@ -574,6 +574,7 @@ impl Cluster {
             &ip.to_string(),
             &format!("10.250.{}.1", self.subnet),
         )?;
+        sh("ip", &["route", "add", &pod_cidr, "via", &ip.to_string()])?;
         let dir = self.dir.join(&name);
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests)?;
