@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod codegen;
 mod image;
 mod setup;
 mod up;
@@ -27,6 +28,9 @@ enum Cmd {
     Up,
     /// Tear down what `up` started.
     Down,
+    /// Regenerate the checked-in gRPC code (proto/src/gen/) from
+    /// proto/weir/v1/*.proto.
+    Codegen,
     /// Set up, build, and run the whole test suite (unit and root e2e tests).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Up => up::up(),
         Cmd::Down => up::down(),
+        Cmd::Codegen => codegen::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(&args),
     }

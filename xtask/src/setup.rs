@@ -18,6 +18,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "containerd-client's build script runs protoc",
     ),
+    (
+        "libprotobuf-dev",
+        "protoc's well-known types (google/protobuf/*.proto), imported by etcd-client's protos",
+    ),
     ("containerd", "the container runtime weir-agent drives"),
     ("runc", "the OCI runtime under containerd"),
     ("busybox-static", "the binary of the local busybox image"),
@@ -31,6 +35,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "nsenter, for tests that look inside namespaces",
     ),
     ("procps", "pkill, for test cleanup"),
+    (
+        "etcd-server",
+        "the etcd store backend's tests start an etcd",
+    ),
 ];
 
 fn have_package(name: &str) -> bool {

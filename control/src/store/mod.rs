@@ -7,6 +7,7 @@
 //! revisions, compaction) so that the embedded redb backend and the etcd
 //! backend behave the same under one shared test suite.
 
+pub mod etcd;
 mod redb;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ use std::future::Future;
 
 use tokio::sync::mpsc;
 
+pub use self::etcd::EtcdStore;
 pub use self::redb::RedbStore;
 
 /// A key with its value and the revisions that created and last changed it.
