@@ -611,6 +611,10 @@ fn cleanup_names(tag: &str, bridge: &str, dir: &Path) {
     }
     sh_quiet("ip", &["link", "del", bridge]);
     let _ = std::fs::remove_dir_all(dir);
+    // The agents' parent directories go too once nothing else uses them
+    // (remove_dir fails on a directory another node still has entries in).
+    let _ = std::fs::remove_dir("/sys/fs/bpf/weir");
+    let _ = std::fs::remove_dir("/run/weir/netns");
 }
 
 impl Drop for Cluster {
