@@ -46,6 +46,20 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// The weir-control binary (built by `cargo xtask test` / `cargo build`).
+pub fn control_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WEIR_CONTROL_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace().join("target/debug/weir-control");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p weir-control` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
 /// The directory holding the busybox OCI image tarball.
 pub fn image_dir() -> PathBuf {
     let d = workspace().join("target/images");

@@ -75,7 +75,7 @@ pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// test`), and the root e2e tests in tests/.
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
-    cargo(&["build", "-p", "weir-agent"])?;
+    cargo(&["build", "-p", "weir-agent", "-p", "weir-control"])?;
     image::build_busybox_image(&image::default_out_dir())?;
     let dir = std::env::temp_dir().join(format!("weir-xtask-test-{}", std::process::id()));
     let cd = weir_tests::Containerd::start(&dir)?;
