@@ -60,6 +60,11 @@ pub fn control_bin() -> PathBuf {
     p
 }
 
+/// The weirctl binary (built with weir-control).
+pub fn weirctl_bin() -> PathBuf {
+    control_bin().with_file_name("weirctl")
+}
+
 /// The directory holding the busybox OCI image tarball.
 pub fn image_dir() -> PathBuf {
     let d = workspace().join("target/images");

@@ -122,3 +122,86 @@ async fn applied_objects_survive_a_sigkill_of_weir_control() -> anyhow::Result<(
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Runs weirctl against `server`; returns (success, stdout, stderr).
+fn weirctl(server: SocketAddr, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(weir_tests::weirctl_bin())
+        .arg("--server")
+        .arg(format!("http://{server}"))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn weirctl_applies_gets_and_deletes_like_kubectl() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("weir-weirctl-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("m"))?;
+    let control = Control::start(&dir.join("weir.redb"), free_addr()?)?;
+    let s = control.addr;
+    std::fs::write(
+        dir.join("m/app.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels: {app: web}\nspec:\n  containers:\n  - name: c\n    image: busybox\n",
+    )?;
+    let m = dir.join("m").display().to_string();
+    let (ok, out, err) = weirctl(s, &["apply", "-f", &m])?;
+    assert!(ok, "{err}");
+    assert_eq!(out, "namespace/shop created\npod/web created\n");
+    let (ok, out, _) = weirctl(s, &["apply", "-f", &m])?;
+    assert!(ok);
+    assert_eq!(out, "namespace/shop configured\npod/web configured\n");
+
+    let (ok, out, _) = weirctl(s, &["get", "pods", "-A"])?;
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("NAMESPACE") && lines[0].contains("STATUS"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("shop") && lines[1].contains("web") && lines[1].contains("0/1"),
+        "{out}"
+    );
+    let (ok, out, _) = weirctl(s, &["get", "pod", "web", "-n", "shop", "-o", "json"])?;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        v["spec"]["restartPolicy"], "Always",
+        "defaults applied: {out}"
+    );
+    let (ok, out, _) = weirctl(s, &["get", "pods", "-n", "shop", "-l", "app!=web"])?;
+    assert!(ok && out.is_empty(), "{out}");
+
+    // Bad input: one line naming the file and the field, non-zero exit.
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec:\n  containers:\n  - {name: c, image: busybox, ports: [{containerPort: 0}]}\n",
+    )?;
+    let (ok, _, err) = weirctl(
+        s,
+        &["apply", "-f", &dir.join("bad.yaml").display().to_string()],
+    )?;
+    assert!(!ok);
+    assert!(
+        err.contains("bad.yaml") && err.contains("spec.containers[0].ports[0].containerPort"),
+        "{err}"
+    );
+    let (ok, _, err) = weirctl(s, &["get", "widgets"])?;
+    assert!(
+        !ok && err.contains("doesn't have a resource type \"widgets\""),
+        "{err}"
+    );
+
+    let (ok, out, _) = weirctl(s, &["delete", "pod", "web", "-n", "shop"])?;
+    assert!(ok);
+    assert_eq!(out, "pod \"web\" deleted\n");
+    let (ok, _, err) = weirctl(s, &["get", "pod", "web", "-n", "shop"])?;
+    assert!(!ok && err.contains("pods \"web\" not found"), "{err}");
+    drop(control);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
