@@ -58,14 +58,8 @@ async fn pods(State(app): State<App>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"apiVersion": "v1", "kind": "PodList", "items": app.mgr.pods()}))
 }
 
-fn find(app: &App, ns: &str, name: &str) -> Option<k8s_openapi::api::core::v1::Pod> {
-    app.mgr.pods().into_iter().find(|p| {
-        p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
-    })
-}
-
 async fn pod(State(app): State<App>, Path((ns, name)): Path<(String, String)>) -> Response {
-    match find(&app, &ns, &name) {
+    match app.mgr.pod(&ns, &name) {
         Some(p) => Json(p).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -87,7 +81,7 @@ async fn logs(
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    let Some(pod) = find(&app, &ns, &name) else {
+    let Some(pod) = app.mgr.pod(&ns, &name) else {
         return (
             StatusCode::NOT_FOUND,
             format!("pods \"{name}\" not found in namespace \"{ns}\"\n"),

@@ -162,13 +162,21 @@ impl Manager {
 
     /// Log file of a container.
     pub fn log_path(&self, namespace: &str, name: &str, container: &str) -> Option<PathBuf> {
-        let views = self.0.views.read().expect("views lock poisoned");
-        let pod = views.values().find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.metadata.name.as_deref() == Some(name)
-        })?;
+        let pod = self.pod(namespace, name)?;
         let uid = pod.metadata.uid.as_deref()?;
         Some(self.0.log_path(namespace, name, uid, container))
+    }
+
+    /// One pod with its status, by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        let views = self.0.views.read().expect("views lock poisoned");
+        views
+            .values()
+            .find(|p| {
+                p.metadata.namespace.as_deref() == Some(namespace)
+                    && p.metadata.name.as_deref() == Some(name)
+            })
+            .cloned()
     }
 
     /// Routes one containerd event to the worker that owns the container.

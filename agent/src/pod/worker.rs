@@ -251,7 +251,7 @@ impl Worker {
                     return;
                 }
                 if exit_status == 128 + SIGKILL && !self.oom.get(&name).copied().unwrap_or(false) {
-                    self.await_oom(&container_id).await;
+                    self.await_oom(&container_id, &name).await;
                 }
                 let oom = self.oom.remove(&name).unwrap_or(false);
                 self.on_exit(&name, exit_status, exited_at, oom).await;
@@ -262,7 +262,7 @@ impl Worker {
 
     /// After a SIGKILL exit, waits briefly for an OOM event that containerd
     /// may publish after the exit; other messages are kept for later.
-    async fn await_oom(&mut self, cid: &str) {
+    async fn await_oom(&mut self, cid: &str, name: &str) {
         let deadline = Instant::now() + OOM_GRACE;
         loop {
             let m = tokio::select! {
@@ -271,15 +271,7 @@ impl Worker {
             };
             match m {
                 Some(Msg::Task(TaskEvent::Oom { container_id })) if container_id == cid => {
-                    if let Some(n) = self
-                        .rec
-                        .containers
-                        .iter()
-                        .find(|(_, c)| c.id == cid)
-                        .map(|(n, _)| n.clone())
-                    {
-                        self.oom.insert(n, true);
-                    }
+                    self.oom.insert(name.to_owned(), true);
                     return;
                 }
                 Some(other) => self.deferred.push_back(other),
@@ -366,14 +358,15 @@ impl Worker {
     }
 
     /// Brings network and containers as far as they can go right now.
+    /// Whether a container waits to be started and its retry time has come.
+    fn due(&self, name: &str, now: Instant) -> bool {
+        matches!(self.live.get(name), Some(Live::Waiting { .. }))
+            && self.retry_at.get(name).is_none_or(|t| *t <= now)
+    }
+
     async fn converge(&mut self) {
         let now = Instant::now();
-        let due = self.netns.is_none()
-            || self.containers().iter().any(|c| {
-                matches!(self.live.get(&c.name), Some(Live::Waiting { .. }))
-                    && self.retry_at.get(&c.name).is_none_or(|t| *t <= now)
-            });
-        if !due {
+        if self.netns.is_some() && !self.containers().iter().any(|c| self.due(&c.name, now)) {
             return;
         }
         let sh = self.sh.clone();
@@ -387,8 +380,7 @@ impl Worker {
         }
         let now = Instant::now();
         for c in self.containers() {
-            let due = self.retry_at.get(&c.name).is_none_or(|t| *t <= now);
-            if matches!(self.live.get(&c.name), Some(Live::Waiting { .. })) && due {
+            if self.due(&c.name, now) {
                 self.start_container(&c).await;
             }
         }
