@@ -6,12 +6,22 @@ use serde_json::{Map, Value};
 use super::ApiError;
 
 /// A kind the API serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// `v1` Namespace (cluster-scoped).
     Namespace,
     /// `v1` Pod (namespaced).
     Pod,
+    /// `apps/v1` `ReplicaSet` (namespaced).
+    ReplicaSet,
+    /// `apps/v1` Deployment (namespaced).
+    Deployment,
+    /// `apps/v1` `DaemonSet` (namespaced).
+    DaemonSet,
+    /// `v1` Node (cluster-scoped).
+    Node,
+    /// `v1` Event (namespaced).
+    Event,
 }
 
 /// A validated manifest: the object (metadata and spec, no status) and the
@@ -25,14 +35,26 @@ pub struct Validated {
 }
 
 impl Kind {
+    /// Every kind, in the order `weirctl get all` lists them.
+    pub const ALL: [Self; 7] = [
+        Self::Pod,
+        Self::ReplicaSet,
+        Self::Deployment,
+        Self::DaemonSet,
+        Self::Node,
+        Self::Namespace,
+        Self::Event,
+    ];
+
     /// Looks up a kind by its `kind` field.
     pub fn from_name(kind: &str) -> Result<Self, ApiError> {
-        match kind {
-            "Namespace" => Ok(Self::Namespace),
-            "Pod" => Ok(Self::Pod),
-            "" => Err(ApiError::Invalid("kind: required".to_owned())),
-            other => Err(ApiError::Invalid(format!("kind {other} is not supported"))),
+        if kind.is_empty() {
+            return Err(ApiError::Invalid("kind: required".to_owned()));
         }
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == kind)
+            .ok_or_else(|| ApiError::Invalid(format!("kind {kind} is not supported")))
     }
 
     /// The `kind` field.
@@ -40,17 +62,28 @@ impl Kind {
         match self {
             Self::Namespace => "Namespace",
             Self::Pod => "Pod",
+            Self::ReplicaSet => "ReplicaSet",
+            Self::Deployment => "Deployment",
+            Self::DaemonSet => "DaemonSet",
+            Self::Node => "Node",
+            Self::Event => "Event",
         }
     }
 
     /// The API group (`core` for v1 kinds), as in keys.
     pub fn group(self) -> &'static str {
-        "core"
+        match self {
+            Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps",
+            Self::Namespace | Self::Pod | Self::Node | Self::Event => "core",
+        }
     }
 
     /// The `apiVersion` field.
     pub fn api_version(self) -> &'static str {
-        "v1"
+        match self {
+            Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps/v1",
+            Self::Namespace | Self::Pod | Self::Node | Self::Event => "v1",
+        }
     }
 
     /// The lower-case plural, as in keys and Kubernetes' messages.
@@ -58,12 +91,17 @@ impl Kind {
         match self {
             Self::Namespace => "namespaces",
             Self::Pod => "pods",
+            Self::ReplicaSet => "replicasets",
+            Self::Deployment => "deployments",
+            Self::DaemonSet => "daemonsets",
+            Self::Node => "nodes",
+            Self::Event => "events",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        matches!(self, Self::Pod)
+        !matches!(self, Self::Namespace | Self::Node)
     }
 
     /// Checks an `apiVersion` given alongside this kind (empty: the default).
@@ -147,18 +185,63 @@ impl Kind {
                 })
             }
             Self::Namespace => validate_namespace(source, doc),
+            Self::ReplicaSet => {
+                passthrough::<k8s_openapi::api::apps::v1::ReplicaSet>(self, source, doc)
+            }
+            Self::Deployment => {
+                passthrough::<k8s_openapi::api::apps::v1::Deployment>(self, source, doc)
+            }
+            Self::DaemonSet => {
+                passthrough::<k8s_openapi::api::apps::v1::DaemonSet>(self, source, doc)
+            }
+            Self::Node => passthrough::<k8s_openapi::api::core::v1::Node>(self, source, doc),
+            Self::Event => passthrough::<k8s_openapi::api::core::v1::Event>(self, source, doc),
         }
     }
 
     /// Checks a status of this kind has the shape k8s-openapi reads.
     pub fn check_status(self, status: &Value) -> Result<(), ApiError> {
-        use k8s_openapi::api::core::v1::{NamespaceStatus, PodStatus};
+        use k8s_openapi::api::apps::v1::{DaemonSetStatus, DeploymentStatus, ReplicaSetStatus};
+        use k8s_openapi::api::core::v1::{NamespaceStatus, NodeStatus, PodStatus};
         let checked = match self {
             Self::Pod => serde_json::from_value::<PodStatus>(status.clone()).map(drop),
             Self::Namespace => serde_json::from_value::<NamespaceStatus>(status.clone()).map(drop),
+            Self::ReplicaSet => {
+                serde_json::from_value::<ReplicaSetStatus>(status.clone()).map(drop)
+            }
+            Self::Deployment => {
+                serde_json::from_value::<DeploymentStatus>(status.clone()).map(drop)
+            }
+            Self::DaemonSet => serde_json::from_value::<DaemonSetStatus>(status.clone()).map(drop),
+            Self::Node => serde_json::from_value::<NodeStatus>(status.clone()).map(drop),
+            Self::Event => Ok(()),
         };
         checked.map_err(|e| ApiError::Invalid(format!("status: {e}")))
     }
+}
+
+/// Interim validation for kinds without a table yet: the manifest must
+/// parse as the k8s-openapi type; it is stored as that type serialises,
+/// without `status`.
+fn passthrough<T>(kind: Kind, source: &str, doc: &Value) -> Result<Validated, ApiError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let typed: T = serde_json::from_value(doc.clone())
+        .map_err(|e| ApiError::Invalid(format!("{source}: {e}")))?;
+    let Value::Object(mut object) = serde_json::to_value(&typed)
+        .map_err(|e| ApiError::Internal(format!("serialise {}: {e}", kind.name())))?
+    else {
+        return Err(ApiError::Internal(format!(
+            "{} serialised to a non-object",
+            kind.name()
+        )));
+    };
+    object.remove("status");
+    Ok(Validated {
+        object,
+        warnings: Vec::new(),
+    })
 }
 
 /// A name or namespace must be non-empty and must not split the key.

@@ -7,6 +7,7 @@
 //! `UpdateStatus` writes status only. Every write is compare-and-swap on the
 //! mod revision it read.
 
+mod bind;
 mod kinds;
 mod object;
 pub mod selector;

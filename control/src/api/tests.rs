@@ -252,8 +252,8 @@ async fn invalid_manifests_are_refused_naming_the_field() {
 
     for (manifest, expect) in [
         (
-            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}}),
-            "kind Deployment is not supported",
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "d"}}),
+            "kind StatefulSet is not supported",
         ),
         (
             json!({"apiVersion": "v1", "metadata": {"name": "d"}}),
@@ -334,6 +334,7 @@ async fn get_and_delete() {
         .delete(v1::DeleteRequest {
             r#ref: Some(pod_ref("web", "team-a")),
             propagation: String::new(),
+            grace_period_seconds: None,
         })
         .await
         .unwrap()
@@ -346,6 +347,7 @@ async fn get_and_delete() {
         .delete(v1::DeleteRequest {
             r#ref: Some(pod_ref("web", "team-a")),
             propagation: String::new(),
+            grace_period_seconds: None,
         })
         .await
         .unwrap_err();
@@ -498,6 +500,7 @@ async fn list_then_watch_sees_exactly_later_changes() {
         .delete(v1::DeleteRequest {
             r#ref: Some(pod_ref("old", "default")),
             propagation: String::new(),
+            grace_period_seconds: None,
         })
         .await
         .unwrap();

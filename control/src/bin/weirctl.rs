@@ -162,6 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .delete(DeleteRequest {
                     r#ref: Some(r),
                     propagation: "Background".into(),
+                    grace_period_seconds: None,
                 })
                 .await
                 .map_err(status)?;

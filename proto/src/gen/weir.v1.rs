@@ -226,7 +226,7 @@ pub struct NodeEvent {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
     /// What changed.
-    #[prost(oneof = "node_event::Event", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "node_event::Event", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub event: ::core::option::Option<node_event::Event>,
 }
 /// Nested message and enum types in `NodeEvent`.
@@ -254,7 +254,28 @@ pub mod node_event {
         /// resume from has been compacted.
         #[prost(message, tag = "7")]
         Resync(super::Resync),
+        /// Another node (or this one) joined, changed address or pod CIDR, or left:
+        /// the agent keeps a route to every other node's pod CIDR.
+        #[prost(message, tag = "8")]
+        Peer(super::PeerEvent),
     }
+}
+/// A node of the cluster as its peers need it for routing.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PeerEvent {
+    /// What happened.
+    #[prost(enumeration = "EventType", tag = "1")]
+    pub r#type: i32,
+    /// The node's name.
+    #[prost(string, tag = "2")]
+    pub node_name: ::prost::alloc::string::String,
+    /// The node's IP address (routes to its pod CIDR go via it).
+    #[prost(string, tag = "3")]
+    pub address: ::prost::alloc::string::String,
+    /// The node's pod CIDR, e.g. `10.244.2.0/24`.
+    #[prost(string, tag = "4")]
+    pub pod_cidr: ::prost::alloc::string::String,
 }
 /// A change to a pod bound to the node.
 #[allow(clippy::all)]
@@ -339,6 +360,11 @@ pub struct ReportPodStatusRequest {
     /// The pod's resource version the agent acted on.
     #[prost(uint64, tag = "5")]
     pub observed_resource_version: u64,
+    /// True once a pod marked for deletion (`metadata.deletionTimestamp`) has
+    /// been stopped and all its resources released on the node: the control
+    /// then removes the object.
+    #[prost(bool, tag = "6")]
+    pub terminated: bool,
 }
 /// The control plane's answer to a ReportPodStatus.
 #[allow(clippy::all)]
@@ -957,6 +983,10 @@ pub struct DeleteRequest {
     /// `Orphan`.
     #[prost(string, tag = "2")]
     pub propagation: ::prost::alloc::string::String,
+    /// Seconds a pod gets to stop gracefully; unset: the pod's
+    /// `terminationGracePeriodSeconds`; 0 deletes the object at once (force).
+    #[prost(int64, optional, tag = "3")]
+    pub grace_period_seconds: ::core::option::Option<i64>,
 }
 /// The result of a Delete.
 #[allow(clippy::all)]

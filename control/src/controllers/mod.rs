@@ -1,0 +1,1 @@
+//! Reconcile loops: `ReplicaSet`, `Deployment`, `DaemonSet`, node lifecycle (filled by their increment).

@@ -1,0 +1,1 @@
+//! The `Nodes` gRPC service agents use (filled by its increment).

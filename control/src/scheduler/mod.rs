@@ -1,0 +1,1 @@
+//! The scheduler: binds pending pods to nodes (filled by its increment).
