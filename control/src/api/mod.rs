@@ -99,6 +99,25 @@ pub fn service<S: Store>(store: Arc<S>) -> ObjectsServer<ObjectsApi<S>> {
     ObjectsServer::new(ObjectsApi { store })
 }
 
+/// The `Objects` gRPC server over an API the caller also uses in-process
+/// (the scheduler, controllers and the `Nodes` service share one).
+pub fn service_from<S: Store>(api: Arc<ObjectsApi<S>>) -> ObjectsServer<ObjectsApi<S>> {
+    ObjectsServer::from_arc(api)
+}
+
+impl<S: Store> ObjectsApi<S> {
+    /// The API over `store`, for in-process callers: they go through the
+    /// same validation, defaulting and compare-and-swap as gRPC clients.
+    pub fn new(store: Arc<S>) -> Self {
+        Self { store }
+    }
+
+    /// The store under the API.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+}
+
 /// The stream a Watch returns.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
 
