@@ -1,86 +1,261 @@
 //! weirctl: the command line for weir-control, shaped like kubectl.
+//!
+//! Every command talks to the `Objects` gRPC API (`--server`, else
+//! `WEIR_SERVER`, else `server:` in `~/.config/weir/config`, else
+//! `http://127.0.0.1:7443`); `logs` reads the node agent's HTTP endpoint.
+//! Errors go to stderr as kubectl prints them and exit 1.
 
-use std::{io::Read as _, path::Path};
+#![expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are also clap's --help text, read in a terminal: kind names stay plain"
+)]
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use weir_proto::{
-    manifest,
-    v1::{
-        ApplyRequest, DeleteRequest, ListRequest, Object, ObjectRef, objects_client::ObjectsClient,
-    },
-};
+#[path = "weirctl/apply.rs"]
+mod apply;
+#[path = "weirctl/client.rs"]
+mod client;
+#[path = "weirctl/delete.rs"]
+mod delete;
+#[path = "weirctl/describe.rs"]
+mod describe;
+#[path = "weirctl/doc.rs"]
+mod doc;
+#[path = "weirctl/format.rs"]
+mod format;
+#[path = "weirctl/get.rs"]
+mod get;
+#[path = "weirctl/logs.rs"]
+mod logs;
+#[path = "weirctl/node.rs"]
+mod node;
+#[path = "weirctl/printers.rs"]
+mod printers;
+#[path = "weirctl/resource.rs"]
+mod resource;
+#[path = "weirctl/rollout.rs"]
+mod rollout;
 
-/// weir's command line: apply, get and delete objects on weir-control.
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use crate::client::{Api, ServerError, resolve_server};
+use crate::get::Output;
+use crate::resource::{Resource, one_target};
+
+/// weir's command line: manage the objects of a weir cluster (kubectl's verbs).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, propagate_version = true)]
 struct Cli {
-    /// weir-control's address.
-    #[arg(
-        long,
-        env = "WEIR_SERVER",
-        default_value = "http://127.0.0.1:7443",
-        global = true
-    )]
-    server: String,
+    /// weir-control's address (default: WEIR_SERVER, then `server:` in
+    /// ~/.config/weir/config, then http://127.0.0.1:7443).
+    #[arg(long, short = 's', env = "WEIR_SERVER", global = true)]
+    server: Option<String>,
+    /// The namespace to act in.
+    #[arg(short, long, global = true, default_value = "default")]
+    namespace: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create or update objects from manifests (a file, a directory of
-    /// .yaml/.yml/.json files, or - for stdin; multi-document YAML).
+    /// Create or update objects from manifests: a file, a directory of
+    /// .yaml/.yml/.json files, or - for stdin (multi-document YAML).
+    /// Prints `kind/name created|configured|unchanged` per object.
     Apply {
-        /// The manifests.
+        /// The manifests (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
     },
-    /// List objects of a kind, or show one.
+    /// List objects as a table, or show some by name. Types: pods (po),
+    /// deployments (deploy), replicasets (rs), daemonsets (ds), nodes (no),
+    /// namespaces (ns), events (ev), and `all` (pods, daemonsets,
+    /// deployments, replicasets). `get deploy web api`, `get deploy/web`.
     Get {
-        /// pods (po, pod) or namespaces (ns, namespace).
-        kind: String,
-        /// One object's name.
-        name: Option<String>,
-        /// Namespace.
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
-        /// All namespaces.
+        /// TYPE [NAME...] or TYPE/NAME...
+        #[arg(required = true)]
+        args: Vec<String>,
+        /// List across all namespaces (adds a NAMESPACE column).
         #[arg(short = 'A', long)]
         all_namespaces: bool,
-        /// Label selector (`a=b,c!=d,e in (x,y)`).
-        #[arg(short = 'l', long)]
-        selector: Option<String>,
-        /// Output format.
-        #[arg(short, long)]
+        /// Label selector, e.g. `app=web,tier!=db,env in (a,b)`.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// Output format: wide (more columns), yaml, json, or name (kind/name).
+        #[arg(short, long, value_enum)]
         output: Option<Output>,
+        /// After listing, print one line per change (from the list's revision).
+        #[arg(short, long)]
+        watch: bool,
+        /// Don't print the header row.
+        #[arg(long)]
+        no_headers: bool,
     },
-    /// Delete an object.
+    /// Show the details of objects (kubectl's sections) with their events.
+    Describe {
+        /// TYPE [NAME...] or TYPE/NAME; without names, all of the type (or those matching -l).
+        #[arg(required = true)]
+        args: Vec<String>,
+        /// Label selector when no names are given.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+    },
+    /// Delete objects by type and names, by label selector, or those in
+    /// manifests (-f). Pods get their grace period to stop.
     Delete {
-        /// pods or namespaces.
-        kind: String,
-        /// Its name.
-        name: String,
-        /// Namespace.
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
+        /// TYPE NAME... or TYPE/NAME...
+        args: Vec<String>,
+        /// Delete the objects named in these manifests.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        /// Delete the objects of TYPE matching this selector.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// Delete all objects of TYPE in the namespace.
+        #[arg(long)]
+        all: bool,
+        /// Seconds a pod gets to stop (-1: the pod's own; 0 needs --force).
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        grace_period: i64,
+        /// Remove at once, without waiting for the pods to stop (grace 0).
+        #[arg(long)]
+        force: bool,
+        /// What happens to dependents: background, foreground or orphan.
+        #[arg(long, default_value = "background")]
+        cascade: String,
+        /// Wait until the objects are gone.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        wait: bool,
+        /// How long --wait waits (e.g. 30s, 5m; 0: forever).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Succeed when an object does not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// Print (or with -f follow) a container's log, read from the agent on
+    /// the pod's node (http://<node InternalIP>:<agent-port>).
+    Logs {
+        /// The pod (NAME or pod/NAME).
+        pod: String,
+        /// The container; required when the pod has several.
+        #[arg(short, long)]
+        container: Option<String>,
+        /// Keep streaming new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// The agents' HTTP port.
+        #[arg(long, default_value_t = 10250)]
+        agent_port: u16,
+    },
+    /// Set the replicas of a deployment or replicaset (read-modify-apply
+    /// with the resource version read; retried on a conflict).
+    Scale {
+        /// deployment/NAME, replicaset/NAME, or TYPE NAME.
+        #[arg(required = true)]
+        target: Vec<String>,
+        /// The new number of replicas.
+        #[arg(long)]
+        replicas: i64,
+    },
+    /// Follow, undo or list the rollouts of a deployment.
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
+    /// Mark a node unschedulable (spec.unschedulable).
+    Cordon {
+        /// The node.
+        node: String,
+    },
+    /// Mark a node schedulable again.
+    Uncordon {
+        /// The node.
+        node: String,
+    },
+    /// Cordon a node and evict its pods (graceful delete), waiting until
+    /// they are gone. Refuses DaemonSet pods without --ignore-daemonsets,
+    /// pods with no controller without --force, and pods with emptyDir
+    /// volumes without --delete-emptydir-data.
+    Drain {
+        /// The node.
+        node: String,
+        /// Leave DaemonSet-managed pods in place.
+        #[arg(long)]
+        ignore_daemonsets: bool,
+        /// Evict pods with emptyDir volumes (their data is lost).
+        #[arg(long)]
+        delete_emptydir_data: bool,
+        /// Evict pods that no controller will recreate.
+        #[arg(long)]
+        force: bool,
+        /// Seconds each pod gets to stop (-1: the pod's own).
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        grace_period: i64,
+        /// Give up after this long (e.g. 60s; 0: wait forever).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: Duration,
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Output {
-    Json,
-    Yaml,
-    Wide,
+#[derive(Subcommand, Debug)]
+enum RolloutCmd {
+    /// Wait until a deployment's (or daemonset's) rollout is done, printing
+    /// its progress.
+    Status {
+        /// deployment/NAME (or TYPE NAME).
+        #[arg(required = true)]
+        target: Vec<String>,
+        /// Give up after this long (e.g. 5m; 0: wait forever).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Keep watching until done (false: print the status once).
+        #[arg(short, long, default_value_t = true, action = clap::ArgAction::Set)]
+        watch: bool,
+    },
+    /// Roll a deployment back to its previous revision (or --to-revision):
+    /// that ReplicaSet's pod template is applied to the deployment.
+    Undo {
+        /// deployment/NAME (or TYPE NAME).
+        #[arg(required = true)]
+        target: Vec<String>,
+        /// The revision to go back to (0: the previous one).
+        #[arg(long, default_value_t = 0)]
+        to_revision: i64,
+    },
+    /// List a deployment's revisions (from its ReplicaSets).
+    History {
+        /// deployment/NAME (or TYPE NAME).
+        #[arg(required = true)]
+        target: Vec<String>,
+        /// Show this revision's pod template.
+        #[arg(long, default_value_t = 0)]
+        revision: i64,
+    },
 }
 
-/// (API kind, lower-case plural, namespaced) of a kind as typed.
-fn kind(arg: &str) -> anyhow::Result<(&'static str, &'static str, bool)> {
-    Ok(match arg.to_ascii_lowercase().as_str() {
-        "po" | "pod" | "pods" => ("Pod", "pods", true),
-        "ns" | "namespace" | "namespaces" => ("Namespace", "namespaces", false),
-        other => bail!("the server doesn't have a resource type \"{other}\""),
-    })
+/// An error already printed: exit 1 without another line.
+#[derive(Debug, thiserror::Error)]
+#[error("(already reported)")]
+pub struct Reported;
+
+/// Parses kubectl durations: `30s`, `5m`, `1h`, `250ms`, a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 fn main() {
@@ -96,297 +271,156 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
+        if e.downcast_ref::<Reported>().is_none() {
+            if let Some(s) = e.downcast_ref::<ServerError>() {
+                eprintln!("{s}");
+            } else {
+                let text = format!("{e:#}");
+                if text.starts_with("Error from server") {
+                    eprintln!("{text}");
+                } else {
+                    eprintln!("error: {text}");
+                }
+            }
+        }
         std::process::exit(1);
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = ObjectsClient::connect(cli.server.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "the connection to the server {} was refused - is weir-control running?",
-                cli.server
-            )
-        })?;
+    let server = resolve_server(cli.server)?;
+    let api = Api::new(&server)?;
+    let ns = cli.namespace.as_str();
     match cli.cmd {
-        Cmd::Apply { files } => apply(&mut client, &files).await,
+        Cmd::Apply { files } => apply::run(&api, &files, ns).await,
         Cmd::Get {
-            kind: k,
-            name,
-            namespace,
+            args,
             all_namespaces,
             selector,
             output,
+            watch,
+            no_headers,
         } => {
-            let (api_kind, plural, namespaced) = kind(&k)?;
-            let ns = if all_namespaces || !namespaced {
-                String::new()
-            } else {
-                namespace
+            let a = get::GetArgs {
+                args,
+                namespace: cli.namespace.clone(),
+                all_namespaces,
+                selector,
+                output,
+                watch,
+                no_headers,
             };
-            let mut items = if let Some(name) = name {
-                let r = ObjectRef {
-                    api_version: "v1".into(),
-                    kind: api_kind.into(),
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                };
-                vec![client.get(r).await.map_err(status)?.into_inner()]
-            } else {
-                let req = ListRequest {
-                    kind: api_kind.into(),
-                    namespace: ns.clone(),
-                    label_selector: selector.unwrap_or_default(),
-                };
-                client.list(req).await.map_err(status)?.into_inner().items
-            };
-            items.sort_by_key(key);
-            print_objects(&items, plural, namespaced && all_namespaces, output)
+            get::run(&api, &a).await
         }
+        Cmd::Describe { args, selector } => describe::run(&api, &args, ns, &selector).await,
         Cmd::Delete {
-            kind: k,
-            name,
-            namespace,
+            args,
+            files,
+            selector,
+            all,
+            grace_period,
+            force,
+            cascade,
+            wait,
+            timeout,
+            ignore_not_found,
         } => {
-            let (api_kind, plural, namespaced) = kind(&k)?;
-            let ns = if namespaced { namespace } else { String::new() };
-            let r = ObjectRef {
-                api_version: "v1".into(),
-                kind: api_kind.into(),
-                namespace: ns,
-                name: name.clone(),
+            let o = delete::DeleteOptions {
+                grace_period,
+                force,
+                cascade,
+                wait,
+                timeout,
+                ignore_not_found,
             };
-            client
-                .delete(DeleteRequest {
-                    r#ref: Some(r),
-                    propagation: "Background".into(),
-                    grace_period_seconds: None,
-                })
-                .await
-                .map_err(status)?;
-            println!("{} \"{name}\" deleted", plural.trim_end_matches('s'));
-            Ok(())
+            delete::run(&api, &args, &files, ns, &selector, all, &o).await
         }
-    }
-}
-
-#[expect(clippy::needless_pass_by_value, reason = "used as map_err(status)")]
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
-}
-
-fn key(o: &Object) -> (String, String) {
-    o.meta
-        .as_ref()
-        .map(|m| (m.namespace.clone(), m.name.clone()))
-        .unwrap_or_default()
-}
-
-/// Reads every manifest document named by `files` as (source, JSON text).
-fn read_manifests(files: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for f in files {
-        if f == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("read stdin")?;
-            push_docs("-", &text, &mut out)?;
-            continue;
-        }
-        let path = Path::new(f);
-        if path.is_dir() {
-            let mut entries: Vec<_> = std::fs::read_dir(path)
-                .with_context(|| format!("read directory {f}"))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension()
-                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-                })
-                .collect();
-            entries.sort();
-            for p in entries {
-                let text =
-                    std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-                push_docs(&p.display().to_string(), &text, &mut out)?;
-            }
-        } else {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("the path \"{f}\" does not exist"))?;
-            push_docs(f, &text, &mut out)?;
-        }
-    }
-    Ok(out)
-}
-
-fn push_docs(source: &str, text: &str, out: &mut Vec<(String, String)>) -> anyhow::Result<()> {
-    for doc in manifest::parse_documents(source, text)? {
-        out.push((source.to_owned(), doc.to_string()));
-    }
-    Ok(())
-}
-
-async fn apply(
-    client: &mut ObjectsClient<tonic::transport::Channel>,
-    files: &[String],
-) -> anyhow::Result<()> {
-    let docs = read_manifests(files)?;
-    let mut failed = 0;
-    for (source, json) in docs {
-        let req = ApplyRequest {
-            manifest_json: json.clone(),
-            field_manager: "weirctl".into(),
-        };
-        match client.apply(req).await {
-            Ok(resp) => {
-                let resp = resp.into_inner();
-                for w in &resp.warnings {
-                    eprintln!("Warning: {w}");
-                }
-                let meta = resp.object.and_then(|o| o.meta).unwrap_or_default();
-                let verb = if resp.created {
-                    "created"
-                } else {
-                    "configured"
-                };
-                println!("{}/{} {verb}", meta.kind.to_ascii_lowercase(), meta.name);
-            }
-            Err(s) => {
-                failed += 1;
-                eprintln!("error: {source}: {}", s.message());
-            }
-        }
-    }
-    if failed > 0 {
-        bail!("{failed} object(s) not applied");
-    }
-    Ok(())
-}
-
-fn print_objects(
-    items: &[Object],
-    plural: &str,
-    with_ns: bool,
-    output: Option<Output>,
-) -> anyhow::Result<()> {
-    let values: Vec<serde_json::Value> = items
-        .iter()
-        .map(|o| serde_json::from_str(&o.json))
-        .collect::<Result<_, _>>()
-        .context("decode object")?;
-    match output {
-        Some(Output::Json) => {
-            let v = if values.len() == 1 {
-                values[0].clone()
-            } else {
-                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values})
+        Cmd::Logs {
+            pod,
+            container,
+            follow,
+            agent_port,
+        } => {
+            let o = logs::LogOptions {
+                container,
+                follow,
+                agent_port,
             };
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            return Ok(());
+            logs::run(&api, ns, &pod, &o).await
         }
-        Some(Output::Yaml) => {
-            for v in &values {
-                println!(
-                    "---\n{}",
-                    serde_saphyr::to_string(v).context("encode YAML")?
-                );
-            }
-            return Ok(());
+        Cmd::Scale { target, replicas } => {
+            let (r, name) = one_target(&target, "scale")?;
+            rollout::scale(&api, r, ns, &name, replicas).await
         }
-        Some(Output::Wide) | None => {}
+        Cmd::Rollout { cmd } => rollout_cmd(&api, ns, cmd).await,
+        Cmd::Cordon { node } => node::cordon(&api, &node, true).await,
+        Cmd::Uncordon { node } => node::cordon(&api, &node, false).await,
+        Cmd::Drain {
+            node,
+            ignore_daemonsets,
+            delete_emptydir_data,
+            force,
+            grace_period,
+            timeout,
+        } => {
+            let o = node::DrainOptions {
+                ignore_daemonsets,
+                delete_emptydir_data,
+                force,
+                grace_period: (grace_period >= 0).then_some(grace_period),
+                timeout,
+            };
+            node::drain(&api, &node, &o).await
+        }
     }
-    print_table(
-        &values,
-        plural,
-        with_ns,
-        matches!(output, Some(Output::Wide)),
-    );
-    Ok(())
 }
 
-/// kubectl-style table of pods or namespaces.
-fn print_table(values: &[serde_json::Value], plural: &str, with_ns: bool, wide: bool) {
-    if values.is_empty() {
-        eprintln!("No resources found");
-        return;
-    }
-    let mut rows = Vec::new();
-    let mut header = Vec::new();
-    if with_ns {
-        header.push("NAMESPACE");
-    }
-    header.push("NAME");
-    if plural == "pods" {
-        header.extend(["READY", "STATUS", "RESTARTS"]);
-        if wide {
-            header.extend(["IP", "NODE"]);
+async fn rollout_cmd(api: &Api, ns: &str, cmd: RolloutCmd) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCmd::Status {
+            target,
+            timeout,
+            watch,
+        } => {
+            let (r, name) = one_target(&target, "rollout status")?;
+            rollout::status(api, r, ns, &name, timeout, watch).await
         }
-    } else {
-        header.push("STATUS");
-    }
-    for v in values {
-        let mut row = Vec::new();
-        if with_ns {
-            row.push(v["metadata"]["namespace"].as_str().unwrap_or("").to_owned());
-        }
-        row.push(v["metadata"]["name"].as_str().unwrap_or("").to_owned());
-        if plural == "pods" {
-            let statuses = v["status"]["containerStatuses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let total = v["spec"]["containers"].as_array().map_or(0, Vec::len);
-            let ready = statuses.iter().filter(|c| c["ready"] == true).count();
-            let restarts: i64 = statuses
-                .iter()
-                .filter_map(|c| c["restartCount"].as_i64())
-                .sum();
-            row.push(format!("{ready}/{total}"));
-            row.push(
-                v["status"]["phase"]
-                    .as_str()
-                    .unwrap_or("Pending")
-                    .to_owned(),
-            );
-            row.push(restarts.to_string());
-            if wide {
-                row.push(v["status"]["podIP"].as_str().unwrap_or("<none>").to_owned());
-                row.push(
-                    v["spec"]["nodeName"]
-                        .as_str()
-                        .unwrap_or("<none>")
-                        .to_owned(),
-                );
+        RolloutCmd::Undo {
+            target,
+            to_revision,
+        } => {
+            let (r, name) = one_target(&target, "rollout undo")?;
+            if r != Resource::Deployment {
+                bail!("no rollbacker has been implemented for {}", r.plural());
             }
-        } else {
-            row.push(v["status"]["phase"].as_str().unwrap_or("Active").to_owned());
+            rollout::undo(api, ns, &name, to_revision).await
         }
-        rows.push(row);
+        RolloutCmd::History { target, revision } => {
+            let (r, name) = one_target(&target, "rollout history")?;
+            if r != Resource::Deployment {
+                bail!("no history viewer has been implemented for {}", r.plural());
+            }
+            rollout::history(api, ns, &name, revision).await
+        }
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("   ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(header.clone()));
-    for r in &rows {
-        println!("{}", line(r.iter().map(String::as_str).collect()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubectl() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_mins(5)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_secs(3) / 2));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }
