@@ -873,3 +873,62 @@ fn weirctl_logs_streams_from_the_agent_on_the_pods_node() -> anyhow::Result<()> 
     assert!(err.contains("does not have a host assigned"), "{err}");
     Ok(())
 }
+
+#[test]
+fn weirctl_finds_the_server_from_flag_env_or_config() -> anyhow::Result<()> {
+    let env = Env::start("server")?;
+    let home = env.dir.join("home");
+    std::fs::create_dir_all(home.join(".config/weir"))?;
+    std::fs::write(
+        home.join(".config/weir/config"),
+        format!("server: http://{}\n", env.control.addr),
+    )?;
+    let run = |envs: &[(&str, String)], args: &[&str]| -> anyhow::Result<(bool, String, String)> {
+        let mut cmd = Command::new(weir_tests::weirctl_bin());
+        cmd.env_remove("WEIR_SERVER")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("WEIRCONFIG")
+            .env("HOME", &home);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(args).output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: found}\n")?;
+    let (ok, out, err) = run(&[], &["get", "ns", "found", "-o", "name"])?;
+    assert!(ok, "the config file's server: {err}");
+    assert_eq!(out, "namespace/found\n");
+    // WEIR_SERVER beats the config file; --server beats both.
+    let closed = free_addr()?;
+    let (ok, _, err) = run(
+        &[("WEIR_SERVER", format!("http://{closed}"))],
+        &["get", "ns"],
+    )?;
+    assert!(!ok);
+    assert_eq!(
+        err,
+        format!(
+            "The connection to the server {closed} was refused - did you specify the right host or port?\n"
+        )
+    );
+    let (ok, out, err) = run(
+        &[("WEIR_SERVER", format!("http://{closed}"))],
+        &[
+            "--server",
+            &format!("http://{}", env.control.addr),
+            "get",
+            "ns",
+            "found",
+            "-o",
+            "name",
+        ],
+    )?;
+    assert!(ok, "{err}");
+    assert_eq!(out, "namespace/found\n");
+    Ok(())
+}

@@ -46,7 +46,7 @@ use crate::resource::{Resource, one_target};
 
 /// weir's command line: manage the objects of a weir cluster (kubectl's verbs).
 #[derive(Parser, Debug)]
-#[command(version, about, propagate_version = true)]
+#[command(version, propagate_version = true)]
 struct Cli {
     /// weir-control's address (default: WEIR_SERVER, then `server:` in
     /// ~/.config/weir/config, then http://127.0.0.1:7443).
