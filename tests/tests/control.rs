@@ -932,3 +932,44 @@ fn weirctl_finds_the_server_from_flag_env_or_config() -> anyhow::Result<()> {
     assert_eq!(out, "namespace/found\n");
     Ok(())
 }
+
+#[test]
+fn weirctl_deletes_by_name_label_and_file() -> anyhow::Result<()> {
+    let env = Env::start("delete")?;
+    let pod = |name: &str, app: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {app}}}\nspec:\n  containers: [{{name: c, image: busybox}}]\n"
+        )
+    };
+    env.apply(&[pod("a1", "a"), pod("a2", "a"), pod("b1", "b")].join("---\n"))?;
+    let file = env.dir.join("b.yaml");
+    std::fs::write(&file, pod("b1", "b"))?;
+    let out = env.ok(&["delete", "pods", "-l", "app=a"])?;
+    assert_eq!(out, "pod \"a1\" deleted\npod \"a2\" deleted\n");
+    let out = env.ok(&[
+        "delete",
+        "-f",
+        &file.display().to_string(),
+        "--grace-period",
+        "5",
+    ])?;
+    assert_eq!(out, "pod \"b1\" deleted\n");
+    assert_eq!(env.ok(&["get", "pods", "-o", "name"])?, "");
+    let err = env.fails(&["delete", "pod", "nope"])?;
+    assert_eq!(
+        err,
+        "Error from server (NotFound): pods \"nope\" not found\n"
+    );
+    assert_eq!(
+        env.ok(&["delete", "pod", "nope", "--ignore-not-found"])?,
+        ""
+    );
+    let err = env.fails(&["delete", "deploy", "web", "--cascade=sideways"])?;
+    assert!(err.contains("invalid cascade value (sideways)"), "{err}");
+    env.apply(&deployment("web", "busybox", 1, 1))?;
+    let out = env.ok(&["delete", "deployment/web", "--cascade=orphan"])?;
+    assert_eq!(out, "deployment.apps \"web\" deleted\n");
+    let err = env.fails(&["delete", "pods"])?;
+    assert!(err.contains("no name was specified"), "{err}");
+    Ok(())
+}

@@ -30,7 +30,11 @@ pub async fn run(api: &Api, args: &[String], ns: &str, selector: &str) -> anyhow
     }
     let mut first = true;
     for (r, v) in objects {
-        let events = events_for(api, r, &v).await?;
+        let events = if r == Resource::Event {
+            Vec::new()
+        } else {
+            events_for(api, r, &v).await?
+        };
         let text = describe(api, r, &v, &events).await?;
         if !first {
             println!("\n");
@@ -198,10 +202,7 @@ fn pod_state(d: &mut Doc, m: &Value, status: &Value) {
         d.kv(
             0,
             "Status",
-            &format!(
-                "Terminating (lasts until {})",
-                describe_time(&m["deletionTimestamp"])
-            ),
+            &format!("Terminating (lasts {})", lasts(&m["deletionTimestamp"])),
         );
         d.kv(
             0,
@@ -231,6 +232,14 @@ fn pod_state(d: &mut Doc, m: &Value, status: &Value) {
         for ip in &ips {
             d.kv(1, "IP", ip);
         }
+    }
+}
+
+/// kubectl's time left until a deletion timestamp (`25s`, `<unknown>`).
+fn lasts(deletion: &Value) -> String {
+    match crate::format::timestamp(deletion) {
+        Some(t) => crate::format::human_duration(t.duration_since(crate::format::now()).as_secs()),
+        None => "<unknown>".to_owned(),
     }
 }
 

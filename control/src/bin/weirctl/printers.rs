@@ -282,6 +282,11 @@ pub fn pod_summary(v: &Value, now: Timestamp) -> PodSummary {
             now_reason.clone_into(&mut reason);
         }
     }
+    if reason == "Pending"
+        && condition(status, "PodScheduled").is_some_and(|c| c["reason"] == "SchedulingGated")
+    {
+        "SchedulingGated".clone_into(&mut reason);
+    }
     let deleting = v["metadata"]["deletionTimestamp"].is_string();
     let terminal = matches!(status["phase"].as_str(), Some("Succeeded" | "Failed"));
     if deleting && status["reason"] == "NodeLost" {
