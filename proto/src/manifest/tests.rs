@@ -864,42 +864,39 @@ fn warned_field_of_the_wrong_type_is_named() {
 }
 
 #[test]
-fn table_is_consistent_and_renders() {
-    let mut seen = std::collections::HashSet::new();
-    for r in POD_FIELDS {
-        assert!(seen.insert(r.path), "{} twice", r.path);
-        // Every nested row hangs below a used Object or ObjectList row.
-        if let Some((parent, _)) = r.path.rsplit_once('.') {
+fn tables_are_consistent_and_render() {
+    let standalone: &Table = &fields::POD_STANDALONE;
+    for table in fields::all().into_iter().chain([standalone]) {
+        let rows: Vec<(&str, FieldClass)> = table.rows().collect();
+        let mut seen = std::collections::HashSet::new();
+        for (path, _) in &rows {
+            assert!(seen.insert(*path), "{}: {path} twice", table.kind());
+            // Every nested row hangs below a used Object or ObjectList row.
+            let Some((parent, _)) = path.rsplit_once('.') else {
+                continue;
+            };
             let parent = parent.strip_suffix("[]").unwrap_or(parent);
-            let p = POD_FIELDS
-                .iter()
-                .find(|p| p.path == parent)
-                .unwrap_or_else(|| panic!("{} has no parent", r.path));
+            let class = table
+                .rule(parent)
+                .unwrap_or_else(|| panic!("{}: {path} has no parent", table.kind()));
+            let walked = |shape| {
+                matches!(class, FieldClass::Used { shape: s, .. } if s == shape)
+                    // Below a field the standalone agent ignores, rows stay for the cluster.
+                    || std::ptr::eq(table, standalone)
+                        && !matches!(class, FieldClass::Used { .. })
+            };
             assert!(
-                matches!(
-                    p.class,
-                    FieldClass::Used {
-                        shape: Shape::Object | Shape::ObjectList,
-                        ..
-                    }
-                ),
-                "{} is below {} which is not walked",
-                r.path,
-                p.path
+                walked(Shape::Object) || walked(Shape::ObjectList),
+                "{}: {path} is below {parent} which is not walked",
+                table.kind()
             );
-            let list = matches!(
-                p.class,
-                FieldClass::Used {
-                    shape: Shape::ObjectList,
-                    ..
-                }
-            );
-            assert_eq!(
-                list,
-                r.path[parent.len()..].starts_with("[]."),
-                "{}",
-                r.path
-            );
+            if matches!(class, FieldClass::Used { .. }) {
+                assert_eq!(
+                    walked(Shape::ObjectList),
+                    path[parent.len()..].starts_with("[]."),
+                    "{path}"
+                );
+            }
         }
     }
     let md = field_table_markdown();
@@ -911,7 +908,23 @@ fn table_is_consistent_and_renders() {
     assert!(
         md.contains("| `spec.containers[].ports[].containerPort` | used (required) | 1..=65535 |")
     );
-    assert_eq!(md.lines().count(), POD_FIELDS.len() + 3);
+    assert!(md.contains("| `spec.nodeName` | used | "), "{md}");
+    assert!(md.contains(
+        "(standalone agent: warning, ignored: weir-agent runs the pod on its own node) |"
+    ));
+    for kind in ["ReplicaSet", "Deployment", "DaemonSet", "Node", "Event"] {
+        assert!(
+            md.contains(&format!("\n| {kind} field | Class | Notes |\n")),
+            "{kind}"
+        );
+    }
+    assert!(md.contains("| `spec.template.spec.*` | as the Pod's `spec.*` (the same table) | |"));
+    assert!(!md.contains("spec.template.spec.containers"));
+    let pod_rows = fields::POD.rows().count();
+    assert_eq!(
+        md.split("\n\n").next().unwrap().lines().count(),
+        pod_rows + 3
+    );
 }
 
 /// A deserializer that only records the field names a k8s-openapi type
@@ -948,45 +961,237 @@ fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
     fields
 }
 
-#[test]
-fn the_table_covers_every_field_kubernetes_knows() {
-    use k8s_openapi::api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, PodOS, PodSecurityContext, PodSpec,
-        ResourceRequirements, SecurityContext,
-    };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    let objects = [
-        ("", fields_of::<Pod>()),
-        ("metadata", fields_of::<ObjectMeta>()),
-        ("spec", fields_of::<PodSpec>()),
-        ("spec.os", fields_of::<PodOS>()),
-        ("spec.securityContext", fields_of::<PodSecurityContext>()),
-        ("spec.containers[]", fields_of::<Container>()),
-        ("spec.containers[].env[]", fields_of::<EnvVar>()),
-        ("spec.containers[].ports[]", fields_of::<ContainerPort>()),
-        (
-            "spec.containers[].resources",
-            fields_of::<ResourceRequirements>(),
-        ),
-        (
-            "spec.containers[].securityContext",
-            fields_of::<SecurityContext>(),
-        ),
-        (
-            "spec.containers[].securityContext.capabilities",
-            fields_of::<Capabilities>(),
-        ),
-    ];
-    for (parent, fields) in &objects {
-        let known: Vec<&str> = table::children(parent).collect();
+/// Checks that `table` has exactly Kubernetes' fields below each parent in
+/// `objects`, and that every mapping the walk enters is in `objects`.
+fn assert_covers(table: &Table, objects: &[(&str, Vec<&'static str>)]) {
+    for (parent, fields) in objects {
+        let known: Vec<&str> = table.children(parent).map(|(n, _)| n).collect();
         for f in fields {
-            assert!(known.contains(f), "{parent}.{f} is missing from the table");
+            assert!(
+                known.contains(f),
+                "{}: {parent}.{f} is missing from the table",
+                table.kind()
+            );
         }
         for k in &known {
             assert!(
                 fields.contains(k),
-                "{parent}.{k} is in the table but Kubernetes has no such field"
+                "{}: {parent}.{k} is in the table but Kubernetes has no such field",
+                table.kind()
             );
         }
     }
+    for (path, class) in table.rows() {
+        let FieldClass::Used { shape, .. } = class else {
+            continue;
+        };
+        let entered = match shape {
+            Shape::Object => path.to_owned(),
+            Shape::ObjectList => format!("{path}[]"),
+            _ => continue,
+        };
+        assert!(
+            objects.iter().any(|(p, _)| *p == entered),
+            "{}: no Kubernetes type checked for {entered}",
+            table.kind()
+        );
+    }
+}
+
+fn meta_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    let join = |p: &str| {
+        if at.is_empty() {
+            p.to_owned()
+        } else {
+            format!("{at}.{p}")
+        }
+    };
+    vec![
+        (join("metadata"), fields_of::<ObjectMeta>()),
+        (
+            join("metadata.ownerReferences[]"),
+            fields_of::<OwnerReference>(),
+        ),
+    ]
+}
+
+fn selector_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    vec![
+        (at.to_owned(), fields_of::<LabelSelector>()),
+        (
+            format!("{at}.matchExpressions[]"),
+            fields_of::<LabelSelectorRequirement>(),
+        ),
+    ]
+}
+
+fn pod_spec_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::api::core::v1::{
+        Affinity, Capabilities, Container, ContainerPort, EnvVar, NodeAffinity, NodeSelector,
+        NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodAntiAffinity,
+        PodOS, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceRequirements,
+        SecurityContext, Toleration, WeightedPodAffinityTerm,
+    };
+    let spec = if at.is_empty() {
+        "spec".to_owned()
+    } else {
+        format!("{at}.spec")
+    };
+    let nodes = format!("{spec}.affinity.nodeAffinity");
+    let mut out = vec![
+        (spec.clone(), fields_of::<PodSpec>()),
+        (format!("{spec}.os"), fields_of::<PodOS>()),
+        (
+            format!("{spec}.securityContext"),
+            fields_of::<PodSecurityContext>(),
+        ),
+        (format!("{spec}.containers[]"), fields_of::<Container>()),
+        (format!("{spec}.containers[].env[]"), fields_of::<EnvVar>()),
+        (
+            format!("{spec}.containers[].ports[]"),
+            fields_of::<ContainerPort>(),
+        ),
+        (
+            format!("{spec}.containers[].resources"),
+            fields_of::<ResourceRequirements>(),
+        ),
+        (
+            format!("{spec}.containers[].securityContext"),
+            fields_of::<SecurityContext>(),
+        ),
+        (
+            format!("{spec}.containers[].securityContext.capabilities"),
+            fields_of::<Capabilities>(),
+        ),
+        (format!("{spec}.tolerations[]"), fields_of::<Toleration>()),
+        (format!("{spec}.affinity"), fields_of::<Affinity>()),
+        (nodes.clone(), fields_of::<NodeAffinity>()),
+        (
+            format!("{nodes}.requiredDuringSchedulingIgnoredDuringExecution"),
+            fields_of::<NodeSelector>(),
+        ),
+        (
+            format!("{nodes}.preferredDuringSchedulingIgnoredDuringExecution[]"),
+            fields_of::<PreferredSchedulingTerm>(),
+        ),
+    ];
+    for term in [
+        format!("{nodes}.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[]"),
+        format!("{nodes}.preferredDuringSchedulingIgnoredDuringExecution[].preference"),
+    ] {
+        out.push((
+            format!("{term}.matchExpressions[]"),
+            fields_of::<NodeSelectorRequirement>(),
+        ));
+        out.push((
+            format!("{term}.matchFields[]"),
+            fields_of::<NodeSelectorRequirement>(),
+        ));
+        out.push((term, fields_of::<NodeSelectorTerm>()));
+    }
+    for (name, fields) in [
+        ("podAffinity", fields_of::<PodAffinity>()),
+        ("podAntiAffinity", fields_of::<PodAntiAffinity>()),
+    ] {
+        let base = format!("{spec}.affinity.{name}");
+        let preferred = format!("{base}.preferredDuringSchedulingIgnoredDuringExecution[]");
+        for term in [
+            format!("{base}.requiredDuringSchedulingIgnoredDuringExecution[]"),
+            format!("{preferred}.podAffinityTerm"),
+        ] {
+            out.extend(selector_objects(&format!("{term}.labelSelector")));
+            out.push((term, fields_of::<PodAffinityTerm>()));
+        }
+        out.push((preferred, fields_of::<WeightedPodAffinityTerm>()));
+        out.push((base, fields));
+    }
+    out
+}
+
+fn borrowed<'a>(objects: &'a [(String, Vec<&'static str>)]) -> Vec<(&'a str, Vec<&'static str>)> {
+    objects
+        .iter()
+        .map(|(p, f)| (p.as_str(), f.clone()))
+        .collect()
+}
+
+#[test]
+fn the_pod_table_covers_every_field_kubernetes_knows() {
+    let mut objects = vec![(String::new(), fields_of::<Pod>())];
+    objects.extend(meta_objects(""));
+    objects.extend(pod_spec_objects(""));
+    assert_covers(&fields::POD, &borrowed(&objects));
+}
+
+#[test]
+fn the_workload_tables_cover_every_field_kubernetes_knows() {
+    use k8s_openapi::api::apps::v1::{
+        DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+        DeploymentStrategy, ReplicaSet, ReplicaSetSpec, RollingUpdateDaemonSet,
+        RollingUpdateDeployment,
+    };
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let common = |top: Vec<&'static str>, spec: Vec<&'static str>| {
+        let mut objects = vec![
+            (String::new(), top),
+            ("spec".to_owned(), spec),
+            ("spec.template".to_owned(), fields_of::<PodTemplateSpec>()),
+            (
+                "spec.template.metadata".to_owned(),
+                fields_of::<ObjectMeta>(),
+            ),
+        ];
+        objects.extend(meta_objects(""));
+        objects.extend(selector_objects("spec.selector"));
+        objects.extend(pod_spec_objects("spec.template"));
+        objects
+    };
+    let rs = common(fields_of::<ReplicaSet>(), fields_of::<ReplicaSetSpec>());
+    assert_covers(&fields::REPLICA_SET, &borrowed(&rs));
+    let mut d = common(fields_of::<Deployment>(), fields_of::<DeploymentSpec>());
+    d.push((
+        "spec.strategy".to_owned(),
+        fields_of::<DeploymentStrategy>(),
+    ));
+    d.push((
+        "spec.strategy.rollingUpdate".to_owned(),
+        fields_of::<RollingUpdateDeployment>(),
+    ));
+    assert_covers(&fields::DEPLOYMENT, &borrowed(&d));
+    let mut ds = common(fields_of::<DaemonSet>(), fields_of::<DaemonSetSpec>());
+    ds.push((
+        "spec.updateStrategy".to_owned(),
+        fields_of::<DaemonSetUpdateStrategy>(),
+    ));
+    ds.push((
+        "spec.updateStrategy.rollingUpdate".to_owned(),
+        fields_of::<RollingUpdateDaemonSet>(),
+    ));
+    assert_covers(&fields::DAEMON_SET, &borrowed(&ds));
+}
+
+#[test]
+fn the_node_and_event_tables_cover_every_field_kubernetes_knows() {
+    use k8s_openapi::api::core::v1::{
+        Event, EventSeries, EventSource, Node, NodeSpec, ObjectReference, Taint,
+    };
+    let mut node = vec![
+        (String::new(), fields_of::<Node>()),
+        ("spec".to_owned(), fields_of::<NodeSpec>()),
+        ("spec.taints[]".to_owned(), fields_of::<Taint>()),
+    ];
+    node.extend(meta_objects(""));
+    assert_covers(&fields::NODE, &borrowed(&node));
+    let mut event = vec![
+        (String::new(), fields_of::<Event>()),
+        ("involvedObject".to_owned(), fields_of::<ObjectReference>()),
+        ("related".to_owned(), fields_of::<ObjectReference>()),
+        ("source".to_owned(), fields_of::<EventSource>()),
+        ("series".to_owned(), fields_of::<EventSeries>()),
+    ];
+    event.extend(meta_objects(""));
+    assert_covers(&fields::EVENT, &borrowed(&event));
 }
