@@ -70,6 +70,14 @@ async fn apply(h: &mut Harness, manifest: String) -> v1::ApplyResponse {
         .into_inner()
 }
 
+async fn namespace(h: &mut Harness, name: &str) {
+    apply(
+        h,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}).to_string(),
+    )
+    .await;
+}
+
 fn json_of(object: &v1::Object) -> Value {
     serde_json::from_str(&object.json).unwrap()
 }
@@ -151,6 +159,7 @@ async fn apply_creates_then_updates_with_generation() {
 #[tokio::test]
 async fn status_survives_apply_and_stale_versions_abort() {
     let mut h = start().await;
+    namespace(&mut h, "ns1").await;
     let created = apply(&mut h, pod("web", "ns1", &json!({}), "nginx:1")).await;
     let rv = meta(created.object.as_ref().unwrap()).resource_version;
 
@@ -386,6 +395,9 @@ async fn list_names(h: &mut Harness, namespace: &str, selector: &str) -> (Vec<St
 #[tokio::test]
 async fn list_by_namespace_and_selector() {
     let mut h = start().await;
+    for ns in ["a", "a2", "b"] {
+        namespace(&mut h, ns).await;
+    }
     apply(
         &mut h,
         pod("web", "a", &json!({"app": "web", "tier": "front"}), "nginx"),
@@ -467,6 +479,7 @@ async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::WatchE
 #[tokio::test]
 async fn list_then_watch_sees_exactly_later_changes() {
     let mut h = start().await;
+    namespace(&mut h, "kube").await;
     apply(
         &mut h,
         pod("old", "default", &json!({"app": "web"}), "nginx"),
