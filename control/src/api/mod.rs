@@ -19,6 +19,8 @@ mod object;
 pub mod selector;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lifecycle;
 mod update;
 
 use std::pin::Pin;
