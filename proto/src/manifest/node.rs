@@ -48,6 +48,9 @@ pub(super) fn node(c: &Checker<'_>, node: &mut Node) -> Result<(), ManifestError
         (None, Some(first)) => spec.pod_cidr = Some(first.clone()),
         _ => {}
     }
+    if spec.pod_cidrs.as_ref().is_some_and(Vec::is_empty) {
+        spec.pod_cidrs = None;
+    }
     let mut seen = HashSet::new();
     for (i, t) in spec.taints.iter().flatten().enumerate() {
         let path = format!("spec.taints[{i}]");
