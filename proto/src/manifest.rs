@@ -1,28 +1,51 @@
 //! Manifest parsing and validation: Kubernetes-shaped YAML in, validated
-//! k8s-openapi Pods out.
+//! k8s-openapi objects out (Pod, `ReplicaSet`, Deployment, `DaemonSet`, Node,
+//! Event).
 //!
-//! A document goes through three steps. The raw JSON is walked against the
-//! field table ([`POD_FIELDS`], rendered for the README by
-//! [`field_table_markdown`]): every field is used, accepted with a warning,
-//! or refused with a reason, and a field Kubernetes does not know is refused
-//! (k8s-openapi would silently ignore it). Then the JSON becomes a
-//! `k8s_openapi` Pod, and its values are checked (names, ports, quantities)
-//! and defaulted as Kubernetes does.
+//! A document goes through three steps. The raw JSON is walked against its
+//! kind's field table (rendered for the README by [`field_table_markdown`]):
+//! every field is used, accepted with a warning, or refused with a reason,
+//! and a field Kubernetes does not know is refused (k8s-openapi would
+//! silently ignore it). Then the JSON becomes the k8s-openapi type, and its
+//! values are checked (names, ports, quantities, selectors) and defaulted as
+//! Kubernetes does. A workload's pod template goes through the Pod's own
+//! table and checks, with paths such as `spec.template.spec.containers[0].image`.
 
+mod apps;
+mod check;
+mod fields;
 mod names;
+mod node;
 mod pod;
 mod quantity;
 mod table;
 mod walk;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+pub use check::selector_matches;
+pub use names::{dns1123_label, dns1123_subdomain};
 pub use quantity::{parse_cpu_millis, parse_memory_bytes};
-pub use table::{FieldClass, FieldRule, Inert, POD_FIELDS, Shape, field_table_markdown};
+pub use table::{FieldClass, FieldRule, Inert, Part, Shape, Table};
+
+use check::Checker;
+use pod::Mode;
 
 /// The refusal for any kind other than Pod.
 const POD_ONLY: &str = "is not supported here (weir-agent standalone mode runs Pods)";
+
+/// One validated object of a kind other than Pod, plus the warnings for
+/// fields weir accepts but ignores.
+#[derive(Debug, Clone)]
+pub struct Valid<T> {
+    /// The object with Kubernetes defaults applied and `status` dropped.
+    pub object: T,
+    /// One line per ignored field: `<source>: <field>: ignored: <why>`.
+    pub warnings: Vec<String>,
+}
 
 /// One parsed, validated Pod plus the warnings for fields weir accepts but ignores.
 #[derive(Debug, Clone)]
@@ -97,11 +120,125 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Value>, ManifestE
     })
 }
 
-/// Validate one document that must be `apiVersion: v1`, `kind: Pod`, and apply
-/// Kubernetes defaulting (namespace `default`, restartPolicy `Always`,
-/// terminationGracePeriodSeconds 30, port protocol `TCP`, requests from limits).
-/// Defaults of ignored fields (dnsPolicy, imagePullPolicy, ...) are not applied.
+/// Validate one document that must be `apiVersion: v1`, `kind: Pod`, as
+/// weir-agent's standalone mode runs it (the scheduling fields are ignored
+/// with a warning), and apply Kubernetes defaulting (namespace `default`,
+/// restartPolicy `Always`, terminationGracePeriodSeconds 30, port protocol
+/// `TCP`, requests from limits). Defaults of ignored fields (dnsPolicy,
+/// imagePullPolicy, ...) are not applied.
 pub fn validate_pod(source: &str, doc: &Value) -> Result<ValidPod, ManifestError> {
+    // Kind first, so a Deployment is refused as such rather than field by field.
+    if let Some(Value::String(kind)) = doc.get("kind").filter(|k| doc.is_object() && *k != "Pod") {
+        return Err(ManifestError::Invalid {
+            file: source.to_owned(),
+            field: "kind".to_owned(),
+            reason: format!("kind {kind} {POD_ONLY}"),
+        });
+    }
+    pod_in(source, doc, Mode::Standalone)
+}
+
+/// Validate a Pod as weir-control stores it: like [`validate_pod`], but the
+/// scheduling fields (nodeName, nodeSelector, affinity, tolerations,
+/// priority, hostPort) are used and checked, `spec.priority` defaults to 0
+/// (or the built-in class's value), and `metadata.resourceVersion` and
+/// `metadata.ownerReferences` are kept.
+pub fn validate_cluster_pod(source: &str, doc: &Value) -> Result<ValidPod, ManifestError> {
+    pod_in(source, doc, Mode::Cluster)
+}
+
+fn pod_in(source: &str, doc: &Value, mode: Mode) -> Result<ValidPod, ManifestError> {
+    let table = match mode {
+        Mode::Cluster => &fields::POD,
+        Mode::Standalone => &fields::POD_STANDALONE,
+    };
+    let (mut pod, mut warnings) = typed::<Pod>(source, doc, table, "v1")?;
+    let mut c = Checker {
+        file: source,
+        warnings: &mut warnings,
+    };
+    let limits = pod::check_and_default(&mut c, &mut pod, mode)?;
+    Ok(ValidPod {
+        pod,
+        warnings,
+        limits,
+    })
+}
+
+/// Validate an `apps/v1` `ReplicaSet` and apply Kubernetes defaulting
+/// (replicas 1, minReadySeconds 0, and the Pod defaults in the template).
+pub fn validate_replica_set(source: &str, doc: &Value) -> Result<Valid<ReplicaSet>, ManifestError> {
+    validate_with(
+        source,
+        doc,
+        &fields::REPLICA_SET,
+        "apps/v1",
+        apps::replica_set,
+    )
+}
+
+/// Validate an `apps/v1` Deployment and apply Kubernetes defaulting
+/// (replicas 1, strategy `RollingUpdate` with maxSurge and maxUnavailable
+/// 25%, revisionHistoryLimit 10, progressDeadlineSeconds 600,
+/// minReadySeconds 0, and the Pod defaults in the template).
+pub fn validate_deployment(source: &str, doc: &Value) -> Result<Valid<Deployment>, ManifestError> {
+    validate_with(
+        source,
+        doc,
+        &fields::DEPLOYMENT,
+        "apps/v1",
+        apps::deployment,
+    )
+}
+
+/// Validate an `apps/v1` `DaemonSet` and apply Kubernetes defaulting
+/// (updateStrategy `RollingUpdate` with maxUnavailable 1 and maxSurge 0,
+/// revisionHistoryLimit 10, minReadySeconds 0, and the Pod defaults in the
+/// template).
+pub fn validate_daemon_set(source: &str, doc: &Value) -> Result<Valid<DaemonSet>, ManifestError> {
+    validate_with(
+        source,
+        doc,
+        &fields::DAEMON_SET,
+        "apps/v1",
+        apps::daemon_set,
+    )
+}
+
+/// Validate a `v1` Node (metadata and spec; status is the agent's).
+pub fn validate_node(source: &str, doc: &Value) -> Result<Valid<Node>, ManifestError> {
+    validate_with(source, doc, &fields::NODE, "v1", |c, n| node::node(c, n))
+}
+
+/// Validate a `v1` Event.
+pub fn validate_event(source: &str, doc: &Value) -> Result<Valid<Event>, ManifestError> {
+    validate_with(source, doc, &fields::EVENT, "v1", |c, e| node::event(c, e))
+}
+
+fn validate_with<T: DeserializeOwned>(
+    source: &str,
+    doc: &Value,
+    table: &Table,
+    api_version: &str,
+    check: impl FnOnce(&mut Checker<'_>, &mut T) -> Result<(), ManifestError>,
+) -> Result<Valid<T>, ManifestError> {
+    let (mut object, mut warnings) = typed::<T>(source, doc, table, api_version)?;
+    let mut c = Checker {
+        file: source,
+        warnings: &mut warnings,
+    };
+    check(&mut c, &mut object)?;
+    Ok(Valid { object, warnings })
+}
+
+/// Checks kind and apiVersion, walks the document against `table` and
+/// deserialises it.
+fn typed<T: DeserializeOwned>(
+    source: &str,
+    doc: &Value,
+    table: &Table,
+    api_version: &str,
+) -> Result<(T, Vec<String>), ManifestError> {
     let invalid = |field: &str, reason: String| ManifestError::Invalid {
         file: source.to_owned(),
         field: field.to_owned(),
@@ -114,36 +251,26 @@ pub fn validate_pod(source: &str, doc: &Value) -> Result<ValidPod, ManifestError
                 .to_owned(),
         });
     };
-    // Kind first, so a Deployment is refused as such rather than field by field.
+    let kind = table.kind();
     match map.get("kind") {
         None | Some(Value::Null) => return Err(invalid("kind", "required".to_owned())),
-        Some(Value::String(kind)) if kind == "Pod" => {}
-        Some(Value::String(kind)) => {
-            return Err(invalid("kind", format!("kind {kind} {POD_ONLY}")));
-        }
-        Some(other) => return Err(invalid("kind", format!("must be a string, got {other}"))),
+        Some(Value::String(k)) if k == kind => {}
+        Some(other) => return Err(invalid("kind", format!("{other} is not {kind:?}"))),
     }
     match map.get("apiVersion") {
         None | Some(Value::Null) => return Err(invalid("apiVersion", "required".to_owned())),
-        Some(Value::String(v)) if v == "v1" => {}
+        Some(Value::String(v)) if v == api_version => {}
         Some(other) => {
             return Err(invalid(
                 "apiVersion",
-                format!("{other} is not valid for kind Pod: expected \"v1\""),
+                format!("{other} is not valid for kind {kind}: expected {api_version:?}"),
             ));
         }
     }
-
     let mut map = map.clone();
-    let walked = walk::walk(source, &mut map)?;
-    let mut pod = to_pod(source, &map, &walked.kept_warned)?;
-    let mut warnings = walked.warnings;
-    let limits = pod::check_and_default(source, &mut pod, &mut warnings)?;
-    Ok(ValidPod {
-        pod,
-        warnings,
-        limits,
-    })
+    let walked = walk::walk(source, table, &mut map)?;
+    let object = to_typed(source, kind, &map, &walked.kept_warned)?;
+    Ok((object, walked.warnings))
 }
 
 /// [`parse_documents`] + [`validate_pod`] for every document; a document of
@@ -185,14 +312,15 @@ fn key_path(parent: &str, key: &str) -> String {
 /// Deserialises the walked document. The walk checked every used field, so a
 /// failure lies in a warned field k8s-openapi still parses; find which one by
 /// dropping each in turn, to name it in the error.
-fn to_pod(
+fn to_typed<T: DeserializeOwned>(
     file: &str,
+    kind: &str,
     map: &Map<String, Value>,
     kept_warned: &[(String, String)],
-) -> Result<Pod, ManifestError> {
+) -> Result<T, ManifestError> {
     let doc = Value::Object(map.clone());
-    let err = match serde_json::from_value::<Pod>(doc.clone()) {
-        Ok(pod) => return Ok(pod),
+    let err = match serde_json::from_value::<T>(doc.clone()) {
+        Ok(object) => return Ok(object),
         Err(e) => e,
     };
     for (field, pointer) in kept_warned {
@@ -204,7 +332,7 @@ fn to_pod(
         if let Some(Value::Object(m)) = without.pointer_mut(parent) {
             m.remove(&key);
         }
-        if serde_json::from_value::<Pod>(without).is_ok() {
+        if serde_json::from_value::<T>(without).is_ok() {
             return Err(ManifestError::Invalid {
                 file: file.to_owned(),
                 field: field.clone(),
@@ -214,8 +342,20 @@ fn to_pod(
     }
     Err(ManifestError::Document {
         file: file.to_owned(),
-        reason: format!("not a valid Pod: {err}"),
+        reason: format!("not a valid {kind}: {err}"),
     })
+}
+
+/// Renders every kind's field table as Markdown for the README: the Pod's
+/// in full (noting where weir-agent's standalone mode differs), the others
+/// with the Pod's parts summarised.
+pub fn field_table_markdown() -> String {
+    let mut out = table::markdown(&fields::POD, Some(&fields::POD_STANDALONE), &[]);
+    for t in fields::all().into_iter().skip(1) {
+        out.push('\n');
+        out.push_str(&table::markdown(t, None, fields::TEMPLATE_SUMMARY));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -24,14 +24,52 @@ pub enum Kind {
     Event,
 }
 
-/// A validated manifest: the object (metadata and spec, no status) and the
-/// warnings for fields accepted but ignored.
+/// A validated manifest: the object (metadata and spec, no status), the
+/// warnings for fields accepted but ignored, and the resource version the
+/// writer read (`metadata.resourceVersion`, taken out of the object).
 #[derive(Debug)]
 pub struct Validated {
     /// The defaulted object as JSON.
     pub object: Map<String, Value>,
     /// One line per ignored field.
     pub warnings: Vec<String>,
+    /// `metadata.resourceVersion` of the manifest, if it had one: the
+    /// write must then be to exactly that version.
+    pub resource_version: Option<u64>,
+}
+
+impl Validated {
+    /// Takes `metadata.resourceVersion` out of `object` (it is the store's
+    /// revision, never stored) and parses it.
+    fn new(
+        source: &str,
+        mut object: Map<String, Value>,
+        warnings: Vec<String>,
+    ) -> Result<Self, ApiError> {
+        let rv = object
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .and_then(|m| m.remove("resourceVersion"));
+        let resource_version = match rv {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.parse::<u64>().map_err(|_| {
+                ApiError::Invalid(format!(
+                    "{source}: metadata.resourceVersion: {s:?} is not a resource version weir gave out"
+                ))
+            })?),
+            Some(other) => {
+                return Err(ApiError::Invalid(format!(
+                    "{source}: metadata.resourceVersion: must be a string, got {other}"
+                )));
+            }
+        };
+        Ok(Self {
+            object,
+            warnings,
+            resource_version,
+        })
+    }
 }
 
 impl Kind {
@@ -166,37 +204,23 @@ impl Kind {
     /// Validates and defaults a manifest of this kind; `source` names it in
     /// errors (`<source>: <field>: <reason>`).
     pub fn validate(self, source: &str, doc: &Value) -> Result<Validated, ApiError> {
-        match self {
+        use weir_proto::manifest as m;
+        let invalid = |e: m::ManifestError| ApiError::Invalid(e.to_string());
+        let (object, warnings) = match self {
             Self::Pod => {
-                let valid = weir_proto::manifest::validate_pod(source, doc)
-                    .map_err(|e| ApiError::Invalid(e.to_string()))?;
-                let object = match serde_json::to_value(&valid.pod) {
-                    Ok(Value::Object(map)) => map,
-                    Ok(other) => {
-                        return Err(ApiError::Internal(format!(
-                            "pod serialised to a non-object: {other}"
-                        )));
-                    }
-                    Err(e) => return Err(ApiError::Internal(format!("serialise pod: {e}"))),
-                };
-                Ok(Validated {
-                    object,
-                    warnings: valid.warnings,
-                })
+                let v = m::validate_cluster_pod(source, doc).map_err(invalid)?;
+                (to_map(self, &v.pod)?, v.warnings)
             }
-            Self::Namespace => validate_namespace(source, doc),
+            Self::Namespace => return validate_namespace(source, doc),
             Self::ReplicaSet => {
-                passthrough::<k8s_openapi::api::apps::v1::ReplicaSet>(self, source, doc)
+                typed(self, m::validate_replica_set(source, doc).map_err(invalid)?)?
             }
-            Self::Deployment => {
-                passthrough::<k8s_openapi::api::apps::v1::Deployment>(self, source, doc)
-            }
-            Self::DaemonSet => {
-                passthrough::<k8s_openapi::api::apps::v1::DaemonSet>(self, source, doc)
-            }
-            Self::Node => passthrough::<k8s_openapi::api::core::v1::Node>(self, source, doc),
-            Self::Event => passthrough::<k8s_openapi::api::core::v1::Event>(self, source, doc),
-        }
+            Self::Deployment => typed(self, m::validate_deployment(source, doc).map_err(invalid)?)?,
+            Self::DaemonSet => typed(self, m::validate_daemon_set(source, doc).map_err(invalid)?)?,
+            Self::Node => typed(self, m::validate_node(source, doc).map_err(invalid)?)?,
+            Self::Event => typed(self, m::validate_event(source, doc).map_err(invalid)?)?,
+        };
+        Validated::new(source, object, warnings)
     }
 
     /// Checks a status of this kind has the shape k8s-openapi reads.
@@ -220,28 +244,29 @@ impl Kind {
     }
 }
 
-/// Interim validation for kinds without a table yet: the manifest must
-/// parse as the k8s-openapi type; it is stored as that type serialises,
-/// without `status`.
-fn passthrough<T>(kind: Kind, source: &str, doc: &Value) -> Result<Validated, ApiError>
-where
-    T: serde::de::DeserializeOwned + serde::Serialize,
-{
-    let typed: T = serde_json::from_value(doc.clone())
-        .map_err(|e| ApiError::Invalid(format!("{source}: {e}")))?;
-    let Value::Object(mut object) = serde_json::to_value(&typed)
-        .map_err(|e| ApiError::Internal(format!("serialise {}: {e}", kind.name())))?
-    else {
-        return Err(ApiError::Internal(format!(
-            "{} serialised to a non-object",
+fn typed<T: serde::Serialize>(
+    kind: Kind,
+    valid: weir_proto::manifest::Valid<T>,
+) -> Result<(Map<String, Value>, Vec<String>), ApiError> {
+    Ok((to_map(kind, &valid.object)?, valid.warnings))
+}
+
+/// A validated k8s-openapi object as stored JSON, without `status`.
+fn to_map<T: serde::Serialize>(kind: Kind, object: &T) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::to_value(object) {
+        Ok(Value::Object(mut map)) => {
+            map.remove("status");
+            Ok(map)
+        }
+        Ok(other) => Err(ApiError::Internal(format!(
+            "{} serialised to a non-object: {other}",
             kind.name()
-        )));
-    };
-    object.remove("status");
-    Ok(Validated {
-        object,
-        warnings: Vec::new(),
-    })
+        ))),
+        Err(e) => Err(ApiError::Internal(format!(
+            "serialise {}: {e}",
+            kind.name()
+        ))),
+    }
 }
 
 /// A name or namespace must be non-empty and must not split the key.
@@ -332,29 +357,13 @@ fn validate_namespace(source: &str, doc: &Value) -> Result<Validated, ApiError> 
                 meta.insert(field.clone(), value.clone());
             }
             "labels" | "annotations" => {
-                let ok = value
-                    .as_object()
-                    .is_some_and(|m| m.values().all(Value::is_string));
-                if !ok {
-                    return Err(invalid(&path, "must be a map of strings to strings"));
-                }
-                if field == "labels" {
-                    let labels = value
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    // Reuse the selector grammar's key and value rules.
-                    super::selector::Selector::parse(&labels)
-                        .map_err(|e| invalid(&path, &e.reason))?;
-                }
+                string_map(source, &path, field == "labels", value)?;
                 meta.insert(field.clone(), value.clone());
             }
             "namespace" => return Err(invalid(&path, "namespaces are cluster-scoped")),
+            "resourceVersion" => {
+                meta.insert(field.clone(), value.clone());
+            }
             f if SERVER_SET.contains(&f) => {}
             _ => return Err(invalid(&path, "unknown field")),
         }
@@ -385,5 +394,26 @@ fn validate_namespace(source: &str, doc: &Value) -> Result<Validated, ApiError> 
         }
         object.insert("spec".to_owned(), spec.clone());
     }
-    Ok(Validated { object, warnings })
+    Validated::new(source, object, warnings)
+}
+
+/// Namespace labels or annotations: a map of strings to strings; labels
+/// also with the selector grammar's key and value rules.
+fn string_map(source: &str, path: &str, labels: bool, value: &Value) -> Result<(), ApiError> {
+    let invalid = |reason: &str| ApiError::Invalid(format!("{source}: {path}: {reason}"));
+    let Some(map) = value
+        .as_object()
+        .filter(|m| m.values().all(Value::is_string))
+    else {
+        return Err(invalid("must be a map of strings to strings"));
+    };
+    if labels {
+        let text = map
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(",");
+        super::selector::Selector::parse(&text).map_err(|e| invalid(&e.reason))?;
+    }
+    Ok(())
 }

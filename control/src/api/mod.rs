@@ -1,18 +1,27 @@
 //! The `Objects` gRPC service over any [`Store`]: `Apply`, `UpdateStatus`, `Get`,
-//! `List`, `Delete` and `Watch` for the kinds in [`Kind`] (Namespace, Pod).
+//! `List`, `Delete` and `Watch` for the kinds in [`Kind`].
 //!
 //! Objects are stored as JSON without `metadata.resourceVersion` (the
 //! store's mod revision is the resource version; it is filled in on every
 //! read). Apply writes metadata and spec and keeps the stored status;
 //! `UpdateStatus` writes status only. Every write is compare-and-swap on the
-//! mod revision it read.
+//! mod revision it read; an Apply whose manifest carries
+//! `metadata.resourceVersion` is compare-and-swap on that version (a
+//! conflict otherwise). A namespaced object needs its namespace to exist;
+//! what an update may change is in `update.rs`, how Delete cascades in
+//! `delete.rs`.
 
 mod bind;
+mod delete;
 mod kinds;
+mod namespaces;
 mod object;
 pub mod selector;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lifecycle;
+mod update;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,9 +34,10 @@ use weir_proto::v1::objects_server::{Objects, ObjectsServer};
 
 pub use self::kinds::Kind;
 use self::kinds::Validated;
+pub use self::namespaces::SYSTEM_NAMESPACES;
 use self::object::{Stored, labels_of};
 pub use self::selector::{Selector, SelectorError};
-use crate::store::{Compare, Event, EventKind, Op, Store, StoreError};
+use crate::store::{Compare, Event, EventKind, Store, StoreError};
 
 /// How often a write is retried when another writer changed the object
 /// between our read and our compare-and-swap.
@@ -47,6 +57,10 @@ pub enum ApiError {
         /// The object's name.
         name: String,
     },
+    /// The request is valid but the cluster's state forbids it (a
+    /// namespace that is being deleted, a system namespace).
+    #[error("{0}")]
+    Forbidden(String),
     /// The object changed since the caller (or our retries) read it.
     #[error(
         "operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; \
@@ -81,6 +95,7 @@ impl From<ApiError> for Status {
             ApiError::Invalid(_) => Status::invalid_argument(message),
             ApiError::NotFound { .. } => Status::not_found(message),
             ApiError::Conflict { .. } => Status::aborted(message),
+            ApiError::Forbidden(_) => Status::failed_precondition(message),
             ApiError::Store(StoreError::Compacted { .. }) => Status::out_of_range(message),
             ApiError::Store(_) | ApiError::Corrupt { .. } | ApiError::Internal(_) => {
                 Status::internal(message)
@@ -177,57 +192,64 @@ impl<S: Store> ObjectsApi<S> {
             }
         };
         let Validated {
-            object: desired,
+            object,
             warnings,
+            resource_version,
         } = kind.validate("manifest", &doc)?;
-        let desired = Stored::new(desired);
+        let desired = Stored::new(object);
         let target = Target {
             kind,
             key: kind.key(desired.namespace(), desired.name())?,
             name: desired.name().to_owned(),
         };
         for _ in 0..WRITE_ATTEMPTS {
-            let Some(kv) = self.store.get(&target.key).await? else {
-                let mut created = desired.clone();
-                created.set_created();
-                let result = self
-                    .store
-                    .txn(
-                        vec![(target.key.clone(), Compare::Absent)],
-                        vec![created.put(&target.key)?],
-                    )
-                    .await?;
-                if result.succeeded {
-                    return Ok(v1::ApplyResponse {
-                        object: Some(created.to_object(result.revision)),
-                        warnings,
-                        created: true,
-                    });
+            let current = self.store.get(&target.key).await?;
+            let guard = self
+                .namespace_guard(kind, desired.namespace(), current.is_none())
+                .await?;
+            let (mut compares, written, created) = match current {
+                None => {
+                    if resource_version.is_some() {
+                        // An update of a version that no longer exists.
+                        return Err(target.not_found());
+                    }
+                    let mut created = desired.clone();
+                    created.set_created();
+                    (vec![(target.key.clone(), Compare::Absent)], created, true)
                 }
-                continue;
+                Some(kv) => {
+                    if resource_version.is_some_and(|rv| rv != kv.mod_revision) {
+                        return Err(target.conflict());
+                    }
+                    let stored = Stored::decode(&kv)?;
+                    let mut updated = desired.clone();
+                    update::check(kind, &stored, &mut updated)?;
+                    let updated = updated.updating(&stored);
+                    if updated == stored {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(stored.to_object(kv.mod_revision)),
+                            warnings,
+                            created: false,
+                        });
+                    }
+                    let compare = (target.key.clone(), Compare::ModRevision(kv.mod_revision));
+                    (vec![compare], updated, false)
+                }
             };
-            let stored = Stored::decode(&kv)?;
-            let updated = desired.clone().updating(&stored);
-            if updated == stored {
-                return Ok(v1::ApplyResponse {
-                    object: Some(stored.to_object(kv.mod_revision)),
-                    warnings,
-                    created: false,
-                });
-            }
+            compares.extend(guard);
             let result = self
                 .store
-                .txn(
-                    vec![(target.key.clone(), Compare::ModRevision(kv.mod_revision))],
-                    vec![updated.put(&target.key)?],
-                )
+                .txn(compares, vec![written.put(&target.key)?])
                 .await?;
             if result.succeeded {
                 return Ok(v1::ApplyResponse {
-                    object: Some(updated.to_object(result.revision)),
+                    object: Some(written.to_object(result.revision)),
                     warnings,
-                    created: false,
+                    created,
                 });
+            }
+            if resource_version.is_some() {
+                return Err(target.conflict());
             }
         }
         Err(target.conflict())
@@ -296,47 +318,6 @@ impl<S: Store> ObjectsApi<S> {
             }
         }
         Ok(v1::ListResponse { items, revision })
-    }
-
-    /// Deletes one object (compare-and-swap on the revision read) and returns
-    /// its last state.
-    ///
-    /// Only the object itself is deleted whatever `propagation` says:
-    /// cascading to dependents through `ownerReferences` is a later
-    /// increment.
-    pub async fn delete(&self, req: &v1::DeleteRequest) -> Result<v1::DeleteResponse, ApiError> {
-        let target = Target::resolve(req.r#ref.as_ref())?;
-        match req.propagation.as_str() {
-            "" | "Background" | "Foreground" | "Orphan" => {}
-            other => {
-                return Err(ApiError::Invalid(format!(
-                    "propagation: {other:?} is not one of Background, Foreground, Orphan"
-                )));
-            }
-        }
-        for _ in 0..WRITE_ATTEMPTS {
-            let kv = self
-                .store
-                .get(&target.key)
-                .await?
-                .ok_or_else(|| target.not_found())?;
-            let object = Stored::decode(&kv)?;
-            let result = self
-                .store
-                .txn(
-                    vec![(target.key.clone(), Compare::ModRevision(kv.mod_revision))],
-                    vec![Op::Delete {
-                        key: target.key.clone(),
-                    }],
-                )
-                .await?;
-            if result.succeeded {
-                return Ok(v1::DeleteResponse {
-                    object: Some(object.to_object(kv.mod_revision)),
-                });
-            }
-        }
-        Err(target.conflict())
     }
 
     /// Streams changes to the objects of a kind in a namespace (empty: all)

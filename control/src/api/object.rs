@@ -15,6 +15,10 @@ use weir_proto::v1;
 use super::ApiError;
 use crate::store::{KeyValue, Op};
 
+/// The finalizer of an owner whose dependents are being deleted first
+/// (Foreground propagation), as Kubernetes names it.
+pub const FOREGROUND: &str = "foregroundDeletion";
+
 /// One object as JSON.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored(Map<String, Value>);
@@ -95,10 +99,116 @@ impl Stored {
         labels_of(self)
     }
 
+    /// `metadata.uid`.
+    pub fn uid(&self) -> &str {
+        self.meta_str("uid")
+    }
+
+    /// The whole object as JSON.
+    pub fn json(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    /// `spec`, if it is a mapping.
+    pub fn spec(&self) -> Option<&Map<String, Value>> {
+        self.0.get("spec").and_then(Value::as_object)
+    }
+
+    /// `spec`, made a mapping if it was not one.
+    pub fn spec_mut(&mut self) -> &mut Map<String, Value> {
+        let spec = self
+            .0
+            .entry("spec")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !spec.is_object() {
+            *spec = Value::Object(Map::new());
+        }
+        spec.as_object_mut().expect("spec was just made an object")
+    }
+
+    /// A string field of `spec` (empty if unset).
+    pub fn spec_str(&self, field: &str) -> &str {
+        self.spec()
+            .and_then(|s| s.get(field))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// `metadata.deletionTimestamp`, if the object is being deleted.
+    pub fn deletion_timestamp(&self) -> Option<Timestamp> {
+        self.meta()
+            .and_then(|m| m.get("deletionTimestamp"))
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse().ok())
+    }
+
+    /// Marks the object as being deleted at `at`; `grace` is the pod's
+    /// `deletionGracePeriodSeconds` (none for other kinds).
+    pub fn set_deleting(&mut self, at: Timestamp, grace: Option<i64>) {
+        let meta = self.meta_mut();
+        meta.insert("deletionTimestamp".to_owned(), Value::from(at.to_string()));
+        if let Some(grace) = grace {
+            meta.insert("deletionGracePeriodSeconds".to_owned(), Value::from(grace));
+        }
+    }
+
+    /// `metadata.finalizers`.
+    pub fn finalizers(&self) -> Vec<String> {
+        self.meta()
+            .and_then(|m| m.get("finalizers"))
+            .and_then(Value::as_array)
+            .map(|f| {
+                f.iter()
+                    .filter_map(|v| Some(v.as_str()?.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Adds a finalizer unless it is there already.
+    pub fn add_finalizer(&mut self, finalizer: &str) {
+        let mut all = self.finalizers();
+        if !all.iter().any(|f| f == finalizer) {
+            all.push(finalizer.to_owned());
+            self.meta_mut()
+                .insert("finalizers".to_owned(), Value::from(all));
+        }
+    }
+
+    /// `metadata.ownerReferences` as (kind, name, uid).
+    pub fn owners(&self) -> Vec<(String, String, String)> {
+        self.meta()
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(Value::as_array)
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| {
+                        let field = |f: &str| r.get(f).and_then(Value::as_str).map(str::to_owned);
+                        Some((field("kind")?, field("name")?, field("uid")?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes the owner references to `uid`; whether there was one.
+    pub fn remove_owner(&mut self, uid: &str) -> bool {
+        let meta = self.meta_mut();
+        let Some(Value::Array(refs)) = meta.get_mut("ownerReferences") else {
+            return false;
+        };
+        let before = refs.len();
+        refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid));
+        let removed = refs.len() != before;
+        if refs.is_empty() {
+            meta.remove("ownerReferences");
+        }
+        removed
+    }
+
     /// Sets the metadata a create gives: uid, creation time, generation 1.
     pub fn set_created(&mut self) {
-        let now = Timestamp::from_second(unix_now().as_secs().try_into().unwrap_or(i64::MAX))
-            .unwrap_or(Timestamp::UNIX_EPOCH);
+        let now = now();
         let meta = self.meta_mut();
         meta.insert("uid".to_owned(), Value::from(new_uid()));
         meta.insert("creationTimestamp".to_owned(), Value::from(now.to_string()));
@@ -113,7 +223,12 @@ impl Stored {
         let generation = stored.generation() + u64::from(spec_changed);
         if let Some(old) = stored.meta() {
             let meta = self.meta_mut();
-            for field in ["uid", "creationTimestamp"] {
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ] {
                 if let Some(value) = old.get(field) {
                     meta.insert(field.to_owned(), value.clone());
                 }
@@ -121,6 +236,9 @@ impl Stored {
         }
         self.meta_mut()
             .insert("generation".to_owned(), Value::from(generation));
+        if stored.finalizers().iter().any(|f| f == FOREGROUND) {
+            self.add_finalizer(FOREGROUND);
+        }
         match stored.0.get("status") {
             Some(status) => self.0.insert("status".to_owned(), status.clone()),
             None => self.0.remove("status"),
@@ -187,6 +305,12 @@ pub fn labels_of(object: &Stored) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The current time, to the second, as Kubernetes timestamps have it.
+pub fn now() -> Timestamp {
+    Timestamp::from_second(unix_now().as_secs().try_into().unwrap_or(i64::MAX))
+        .unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// Time since the Unix epoch (zero if the clock is before it).

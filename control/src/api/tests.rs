@@ -14,13 +14,13 @@ use weir_proto::v1::objects_client::ObjectsClient;
 
 use crate::store::RedbStore;
 
-struct Harness {
-    client: ObjectsClient<Channel>,
-    store: Arc<RedbStore>,
+pub(super) struct Harness {
+    pub client: ObjectsClient<Channel>,
+    pub store: Arc<RedbStore>,
     _dir: tempfile::TempDir,
 }
 
-async fn start() -> Harness {
+pub(super) async fn start() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(RedbStore::open(dir.path().join("store.redb")).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -40,7 +40,7 @@ async fn start() -> Harness {
     }
 }
 
-fn pod(name: &str, ns: &str, labels: &Value, image: &str) -> String {
+pub(super) fn pod(name: &str, ns: &str, labels: &Value, image: &str) -> String {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -50,7 +50,7 @@ fn pod(name: &str, ns: &str, labels: &Value, image: &str) -> String {
     .to_string()
 }
 
-fn pod_ref(name: &str, ns: &str) -> v1::ObjectRef {
+pub(super) fn pod_ref(name: &str, ns: &str) -> v1::ObjectRef {
     v1::ObjectRef {
         api_version: String::new(),
         kind: "Pod".into(),
@@ -59,7 +59,7 @@ fn pod_ref(name: &str, ns: &str) -> v1::ObjectRef {
     }
 }
 
-async fn apply(h: &mut Harness, manifest: String) -> v1::ApplyResponse {
+pub(super) async fn apply(h: &mut Harness, manifest: String) -> v1::ApplyResponse {
     h.client
         .apply(v1::ApplyRequest {
             manifest_json: manifest,
@@ -70,11 +70,19 @@ async fn apply(h: &mut Harness, manifest: String) -> v1::ApplyResponse {
         .into_inner()
 }
 
-fn json_of(object: &v1::Object) -> Value {
+pub(super) async fn namespace(h: &mut Harness, name: &str) {
+    apply(
+        h,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}).to_string(),
+    )
+    .await;
+}
+
+pub(super) fn json_of(object: &v1::Object) -> Value {
     serde_json::from_str(&object.json).unwrap()
 }
 
-fn meta(object: &v1::Object) -> &v1::ObjectMeta {
+pub(super) fn meta(object: &v1::Object) -> &v1::ObjectMeta {
     object.meta.as_ref().unwrap()
 }
 
@@ -151,6 +159,7 @@ async fn apply_creates_then_updates_with_generation() {
 #[tokio::test]
 async fn status_survives_apply_and_stale_versions_abort() {
     let mut h = start().await;
+    namespace(&mut h, "ns1").await;
     let created = apply(&mut h, pod("web", "ns1", &json!({}), "nginx:1")).await;
     let rv = meta(created.object.as_ref().unwrap()).resource_version;
 
@@ -386,6 +395,9 @@ async fn list_names(h: &mut Harness, namespace: &str, selector: &str) -> (Vec<St
 #[tokio::test]
 async fn list_by_namespace_and_selector() {
     let mut h = start().await;
+    for ns in ["a", "a2", "b"] {
+        namespace(&mut h, ns).await;
+    }
     apply(
         &mut h,
         pod("web", "a", &json!({"app": "web", "tier": "front"}), "nginx"),
@@ -467,6 +479,7 @@ async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::WatchE
 #[tokio::test]
 async fn list_then_watch_sees_exactly_later_changes() {
     let mut h = start().await;
+    namespace(&mut h, "kube").await;
     apply(
         &mut h,
         pod("old", "default", &json!({"app": "web"}), "nginx"),

@@ -70,6 +70,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve<S: Store>(listen: SocketAddr, store: Arc<S>, what: &str) -> anyhow::Result<()> {
+    api::ObjectsApi::new(Arc::clone(&store))
+        .ensure_default_namespaces()
+        .await
+        .context("create the default namespaces")?;
     tracing::info!(%listen, store = what, "weir-control serving");
     let shutdown = async {
         let mut term =

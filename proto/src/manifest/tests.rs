@@ -864,42 +864,39 @@ fn warned_field_of_the_wrong_type_is_named() {
 }
 
 #[test]
-fn table_is_consistent_and_renders() {
-    let mut seen = std::collections::HashSet::new();
-    for r in POD_FIELDS {
-        assert!(seen.insert(r.path), "{} twice", r.path);
-        // Every nested row hangs below a used Object or ObjectList row.
-        if let Some((parent, _)) = r.path.rsplit_once('.') {
+fn tables_are_consistent_and_render() {
+    let standalone: &Table = &fields::POD_STANDALONE;
+    for table in fields::all().into_iter().chain([standalone]) {
+        let rows: Vec<(&str, FieldClass)> = table.rows().collect();
+        let mut seen = std::collections::HashSet::new();
+        for (path, _) in &rows {
+            assert!(seen.insert(*path), "{}: {path} twice", table.kind());
+            // Every nested row hangs below a used Object or ObjectList row.
+            let Some((parent, _)) = path.rsplit_once('.') else {
+                continue;
+            };
             let parent = parent.strip_suffix("[]").unwrap_or(parent);
-            let p = POD_FIELDS
-                .iter()
-                .find(|p| p.path == parent)
-                .unwrap_or_else(|| panic!("{} has no parent", r.path));
+            let class = table
+                .rule(parent)
+                .unwrap_or_else(|| panic!("{}: {path} has no parent", table.kind()));
+            let walked = |shape| {
+                matches!(class, FieldClass::Used { shape: s, .. } if s == shape)
+                    // Below a field the standalone agent ignores, rows stay for the cluster.
+                    || std::ptr::eq(table, standalone)
+                        && !matches!(class, FieldClass::Used { .. })
+            };
             assert!(
-                matches!(
-                    p.class,
-                    FieldClass::Used {
-                        shape: Shape::Object | Shape::ObjectList,
-                        ..
-                    }
-                ),
-                "{} is below {} which is not walked",
-                r.path,
-                p.path
+                walked(Shape::Object) || walked(Shape::ObjectList),
+                "{}: {path} is below {parent} which is not walked",
+                table.kind()
             );
-            let list = matches!(
-                p.class,
-                FieldClass::Used {
-                    shape: Shape::ObjectList,
-                    ..
-                }
-            );
-            assert_eq!(
-                list,
-                r.path[parent.len()..].starts_with("[]."),
-                "{}",
-                r.path
-            );
+            if matches!(class, FieldClass::Used { .. }) {
+                assert_eq!(
+                    walked(Shape::ObjectList),
+                    path[parent.len()..].starts_with("[]."),
+                    "{path}"
+                );
+            }
         }
     }
     let md = field_table_markdown();
@@ -911,7 +908,23 @@ fn table_is_consistent_and_renders() {
     assert!(
         md.contains("| `spec.containers[].ports[].containerPort` | used (required) | 1..=65535 |")
     );
-    assert_eq!(md.lines().count(), POD_FIELDS.len() + 3);
+    assert!(md.contains("| `spec.nodeName` | used | "), "{md}");
+    assert!(md.contains(
+        "(standalone agent: warning, ignored: weir-agent runs the pod on its own node) |"
+    ));
+    for kind in ["ReplicaSet", "Deployment", "DaemonSet", "Node", "Event"] {
+        assert!(
+            md.contains(&format!("\n| {kind} field | Class | Notes |\n")),
+            "{kind}"
+        );
+    }
+    assert!(md.contains("| `spec.template.spec.*` | as the Pod's `spec.*` (the same table) | |"));
+    assert!(!md.contains("spec.template.spec.containers"));
+    let pod_rows = fields::POD.rows().count();
+    assert_eq!(
+        md.split("\n\n").next().unwrap().lines().count(),
+        pod_rows + 3
+    );
 }
 
 /// A deserializer that only records the field names a k8s-openapi type
@@ -948,45 +961,832 @@ fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
     fields
 }
 
-#[test]
-fn the_table_covers_every_field_kubernetes_knows() {
-    use k8s_openapi::api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, PodOS, PodSecurityContext, PodSpec,
-        ResourceRequirements, SecurityContext,
-    };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    let objects = [
-        ("", fields_of::<Pod>()),
-        ("metadata", fields_of::<ObjectMeta>()),
-        ("spec", fields_of::<PodSpec>()),
-        ("spec.os", fields_of::<PodOS>()),
-        ("spec.securityContext", fields_of::<PodSecurityContext>()),
-        ("spec.containers[]", fields_of::<Container>()),
-        ("spec.containers[].env[]", fields_of::<EnvVar>()),
-        ("spec.containers[].ports[]", fields_of::<ContainerPort>()),
-        (
-            "spec.containers[].resources",
-            fields_of::<ResourceRequirements>(),
-        ),
-        (
-            "spec.containers[].securityContext",
-            fields_of::<SecurityContext>(),
-        ),
-        (
-            "spec.containers[].securityContext.capabilities",
-            fields_of::<Capabilities>(),
-        ),
-    ];
-    for (parent, fields) in &objects {
-        let known: Vec<&str> = table::children(parent).collect();
+/// Checks that `table` has exactly Kubernetes' fields below each parent in
+/// `objects`, and that every mapping the walk enters is in `objects`.
+fn assert_covers(table: &Table, objects: &[(&str, Vec<&'static str>)]) {
+    for (parent, fields) in objects {
+        let known: Vec<&str> = table.children(parent).map(|(n, _)| n).collect();
         for f in fields {
-            assert!(known.contains(f), "{parent}.{f} is missing from the table");
+            assert!(
+                known.contains(f),
+                "{}: {parent}.{f} is missing from the table",
+                table.kind()
+            );
         }
         for k in &known {
             assert!(
                 fields.contains(k),
-                "{parent}.{k} is in the table but Kubernetes has no such field"
+                "{}: {parent}.{k} is in the table but Kubernetes has no such field",
+                table.kind()
             );
         }
     }
+    for (path, class) in table.rows() {
+        let FieldClass::Used { shape, .. } = class else {
+            continue;
+        };
+        let entered = match shape {
+            Shape::Object => path.to_owned(),
+            Shape::ObjectList => format!("{path}[]"),
+            _ => continue,
+        };
+        assert!(
+            objects.iter().any(|(p, _)| *p == entered),
+            "{}: no Kubernetes type checked for {entered}",
+            table.kind()
+        );
+    }
+}
+
+fn meta_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    let join = |p: &str| {
+        if at.is_empty() {
+            p.to_owned()
+        } else {
+            format!("{at}.{p}")
+        }
+    };
+    vec![
+        (join("metadata"), fields_of::<ObjectMeta>()),
+        (
+            join("metadata.ownerReferences[]"),
+            fields_of::<OwnerReference>(),
+        ),
+    ]
+}
+
+fn selector_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    vec![
+        (at.to_owned(), fields_of::<LabelSelector>()),
+        (
+            format!("{at}.matchExpressions[]"),
+            fields_of::<LabelSelectorRequirement>(),
+        ),
+    ]
+}
+
+fn pod_spec_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
+    use k8s_openapi::api::core::v1::{
+        Affinity, Capabilities, Container, ContainerPort, EnvVar, NodeAffinity, NodeSelector,
+        NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodAntiAffinity,
+        PodOS, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceRequirements,
+        SecurityContext, Toleration, WeightedPodAffinityTerm,
+    };
+    let spec = if at.is_empty() {
+        "spec".to_owned()
+    } else {
+        format!("{at}.spec")
+    };
+    let nodes = format!("{spec}.affinity.nodeAffinity");
+    let mut out = vec![
+        (spec.clone(), fields_of::<PodSpec>()),
+        (format!("{spec}.os"), fields_of::<PodOS>()),
+        (
+            format!("{spec}.securityContext"),
+            fields_of::<PodSecurityContext>(),
+        ),
+        (format!("{spec}.containers[]"), fields_of::<Container>()),
+        (format!("{spec}.containers[].env[]"), fields_of::<EnvVar>()),
+        (
+            format!("{spec}.containers[].ports[]"),
+            fields_of::<ContainerPort>(),
+        ),
+        (
+            format!("{spec}.containers[].resources"),
+            fields_of::<ResourceRequirements>(),
+        ),
+        (
+            format!("{spec}.containers[].securityContext"),
+            fields_of::<SecurityContext>(),
+        ),
+        (
+            format!("{spec}.containers[].securityContext.capabilities"),
+            fields_of::<Capabilities>(),
+        ),
+        (format!("{spec}.tolerations[]"), fields_of::<Toleration>()),
+        (format!("{spec}.affinity"), fields_of::<Affinity>()),
+        (nodes.clone(), fields_of::<NodeAffinity>()),
+        (
+            format!("{nodes}.requiredDuringSchedulingIgnoredDuringExecution"),
+            fields_of::<NodeSelector>(),
+        ),
+        (
+            format!("{nodes}.preferredDuringSchedulingIgnoredDuringExecution[]"),
+            fields_of::<PreferredSchedulingTerm>(),
+        ),
+    ];
+    for term in [
+        format!("{nodes}.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[]"),
+        format!("{nodes}.preferredDuringSchedulingIgnoredDuringExecution[].preference"),
+    ] {
+        out.push((
+            format!("{term}.matchExpressions[]"),
+            fields_of::<NodeSelectorRequirement>(),
+        ));
+        out.push((
+            format!("{term}.matchFields[]"),
+            fields_of::<NodeSelectorRequirement>(),
+        ));
+        out.push((term, fields_of::<NodeSelectorTerm>()));
+    }
+    for (name, fields) in [
+        ("podAffinity", fields_of::<PodAffinity>()),
+        ("podAntiAffinity", fields_of::<PodAntiAffinity>()),
+    ] {
+        let base = format!("{spec}.affinity.{name}");
+        let preferred = format!("{base}.preferredDuringSchedulingIgnoredDuringExecution[]");
+        for term in [
+            format!("{base}.requiredDuringSchedulingIgnoredDuringExecution[]"),
+            format!("{preferred}.podAffinityTerm"),
+        ] {
+            out.extend(selector_objects(&format!("{term}.labelSelector")));
+            out.push((term, fields_of::<PodAffinityTerm>()));
+        }
+        out.push((preferred, fields_of::<WeightedPodAffinityTerm>()));
+        out.push((base, fields));
+    }
+    out
+}
+
+fn borrowed<'a>(objects: &'a [(String, Vec<&'static str>)]) -> Vec<(&'a str, Vec<&'static str>)> {
+    objects
+        .iter()
+        .map(|(p, f)| (p.as_str(), f.clone()))
+        .collect()
+}
+
+#[test]
+fn the_pod_table_covers_every_field_kubernetes_knows() {
+    let mut objects = vec![(String::new(), fields_of::<Pod>())];
+    objects.extend(meta_objects(""));
+    objects.extend(pod_spec_objects(""));
+    assert_covers(&fields::POD, &borrowed(&objects));
+}
+
+#[test]
+fn the_workload_tables_cover_every_field_kubernetes_knows() {
+    use k8s_openapi::api::apps::v1::{
+        DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+        DeploymentStrategy, ReplicaSet, ReplicaSetSpec, RollingUpdateDaemonSet,
+        RollingUpdateDeployment,
+    };
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let common = |top: Vec<&'static str>, spec: Vec<&'static str>| {
+        let mut objects = vec![
+            (String::new(), top),
+            ("spec".to_owned(), spec),
+            ("spec.template".to_owned(), fields_of::<PodTemplateSpec>()),
+            (
+                "spec.template.metadata".to_owned(),
+                fields_of::<ObjectMeta>(),
+            ),
+        ];
+        objects.extend(meta_objects(""));
+        objects.extend(selector_objects("spec.selector"));
+        objects.extend(pod_spec_objects("spec.template"));
+        objects
+    };
+    let rs = common(fields_of::<ReplicaSet>(), fields_of::<ReplicaSetSpec>());
+    assert_covers(&fields::REPLICA_SET, &borrowed(&rs));
+    let mut d = common(fields_of::<Deployment>(), fields_of::<DeploymentSpec>());
+    d.push((
+        "spec.strategy".to_owned(),
+        fields_of::<DeploymentStrategy>(),
+    ));
+    d.push((
+        "spec.strategy.rollingUpdate".to_owned(),
+        fields_of::<RollingUpdateDeployment>(),
+    ));
+    assert_covers(&fields::DEPLOYMENT, &borrowed(&d));
+    let mut ds = common(fields_of::<DaemonSet>(), fields_of::<DaemonSetSpec>());
+    ds.push((
+        "spec.updateStrategy".to_owned(),
+        fields_of::<DaemonSetUpdateStrategy>(),
+    ));
+    ds.push((
+        "spec.updateStrategy.rollingUpdate".to_owned(),
+        fields_of::<RollingUpdateDaemonSet>(),
+    ));
+    assert_covers(&fields::DAEMON_SET, &borrowed(&ds));
+}
+
+#[test]
+fn the_node_and_event_tables_cover_every_field_kubernetes_knows() {
+    use k8s_openapi::api::core::v1::{
+        Event, EventSeries, EventSource, Node, NodeSpec, ObjectReference, Taint,
+    };
+    let mut node = vec![
+        (String::new(), fields_of::<Node>()),
+        ("spec".to_owned(), fields_of::<NodeSpec>()),
+        ("spec.taints[]".to_owned(), fields_of::<Taint>()),
+    ];
+    node.extend(meta_objects(""));
+    assert_covers(&fields::NODE, &borrowed(&node));
+    let mut event = vec![
+        (String::new(), fields_of::<Event>()),
+        ("involvedObject".to_owned(), fields_of::<ObjectReference>()),
+        ("related".to_owned(), fields_of::<ObjectReference>()),
+        ("source".to_owned(), fields_of::<EventSource>()),
+        ("series".to_owned(), fields_of::<EventSeries>()),
+    ];
+    event.extend(meta_objects(""));
+    assert_covers(&fields::EVENT, &borrowed(&event));
+}
+
+/// The Deployment of the Kubernetes docs ("Deployments").
+const NGINX_DEPLOYMENT: &str = r"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nginx-deployment
+  labels:
+    app: nginx
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: nginx
+  template:
+    metadata:
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.14.2
+        ports:
+        - containerPort: 80
+";
+
+fn deployment_doc() -> Value {
+    parse_documents("d.yaml", NGINX_DEPLOYMENT)
+        .unwrap()
+        .remove(0)
+}
+
+/// `doc` with `value` set at the JSON pointer `pointer` (parents must exist).
+fn with(mut doc: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let Some(Value::Object(m)) = doc.pointer_mut(parent) else {
+        panic!("no mapping at {parent}");
+    };
+    m.insert(key.to_owned(), value);
+    doc
+}
+
+fn refused_with(
+    result: Result<impl std::fmt::Debug, ManifestError>,
+    file: &str,
+    field: &str,
+    why: &str,
+) {
+    let msg = result.expect_err("must be refused").to_string();
+    assert!(
+        msg.starts_with(&format!("{file}: {field}: ")),
+        "{msg:?} is not about {field}"
+    );
+    assert!(msg.contains(why), "{msg:?} does not say {why:?}");
+}
+
+#[test]
+fn deployment_from_the_docs_is_defaulted() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let v = validate_deployment("d.yaml", &deployment_doc()).unwrap();
+    assert_eq!(v.warnings, Vec::<String>::new());
+    let spec = &v.object.spec;
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.revision_history_limit, Some(10));
+    assert_eq!(spec.progress_deadline_seconds, Some(600));
+    assert_eq!(spec.min_ready_seconds, Some(0));
+    let strategy = spec.strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let ru = strategy.rolling_update.as_ref().unwrap();
+    assert_eq!(ru.max_surge, Some(IntOrString::String("25%".into())));
+    assert_eq!(ru.max_unavailable, Some(IntOrString::String("25%".into())));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+    assert_eq!(pod.priority, Some(0));
+    let port = &pod.containers[0].ports.as_ref().unwrap()[0];
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    assert_eq!(v.object.metadata.namespace.as_deref(), Some("default"));
+
+    let mut doc = deployment_doc();
+    doc["spec"].as_object_mut().unwrap().remove("replicas");
+    let v = validate_deployment("d.yaml", &doc).unwrap();
+    assert_eq!(v.object.spec.replicas, Some(1));
+
+    let mut rs = deployment_doc();
+    rs["kind"] = json!("ReplicaSet");
+    rs["spec"].as_object_mut().unwrap().remove("replicas");
+    let v = validate_replica_set("rs.yaml", &rs).unwrap();
+    assert_eq!(v.object.spec.replicas, Some(1));
+    let mut ds = deployment_doc();
+    ds["kind"] = json!("DaemonSet");
+    ds["spec"].as_object_mut().unwrap().remove("replicas");
+    let v = validate_daemon_set("ds.yaml", &ds).unwrap();
+    let strategy = v.object.spec.update_strategy.as_ref().unwrap();
+    let ru = strategy.rolling_update.as_ref().unwrap();
+    assert_eq!(
+        (ru.max_unavailable.clone(), ru.max_surge.clone()),
+        (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+    );
+    assert_eq!(v.object.spec.revision_history_limit, Some(10));
+    // A DaemonSet has no replicas.
+    refused_with(
+        validate_daemon_set("ds.yaml", &with(ds, "/spec/replicas", json!(2))),
+        "ds.yaml",
+        "spec.replicas",
+        "unknown field",
+    );
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
+fn workload_refusals_name_the_field() {
+    let d = deployment_doc;
+    let t = "/spec/template/spec";
+    let cases = [
+        (
+            with(
+                d(),
+                "/spec/template/metadata/labels",
+                json!({"app": "other"}),
+            ),
+            "spec.template.metadata.labels",
+            "selector does not match template labels",
+        ),
+        (
+            with(d(), "/spec/selector", json!({})),
+            "spec.selector",
+            "empty selector is invalid",
+        ),
+        (
+            with(
+                d(),
+                "/spec/selector",
+                json!({"matchExpressions": [{"key": "app", "operator": "In"}]}),
+            ),
+            "spec.selector.matchExpressions[0].values",
+            "must be specified",
+        ),
+        (
+            with(
+                d(),
+                "/spec/selector",
+                json!({"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}),
+            ),
+            "spec.selector.matchExpressions[0].operator",
+            "unsupported value",
+        ),
+        (
+            with(d(), &format!("{t}/restartPolicy"), json!("OnFailure")),
+            "spec.template.spec.restartPolicy",
+            "must be \"Always\"",
+        ),
+        (
+            with(
+                d(),
+                &format!("{t}/containers/0/imagePullPolcy"),
+                json!("Always"),
+            ),
+            "spec.template.spec.containers[0].imagePullPolcy",
+            "did you mean \"imagePullPolicy\"",
+        ),
+        (
+            with(d(), &format!("{t}/containers/0/image"), json!("")),
+            "spec.template.spec.containers[0].image",
+            "required",
+        ),
+        (
+            with(d(), &format!("{t}/hostNetwork"), json!(true)),
+            "spec.template.spec.hostNetwork",
+            "not supported",
+        ),
+        (
+            with(d(), "/spec/replicas", json!(-1)),
+            "spec.replicas",
+            "greater than or equal to 0",
+        ),
+        (
+            with(d(), "/spec/replicas", json!("3")),
+            "spec.replicas",
+            "must be an integer",
+        ),
+        (
+            with(
+                d(),
+                "/spec/strategy",
+                json!({"rollingUpdate": {"maxUnavailable": "150%"}}),
+            ),
+            "spec.strategy.rollingUpdate.maxUnavailable",
+            "not be greater than 100%",
+        ),
+        (
+            with(
+                d(),
+                "/spec/strategy",
+                json!({"rollingUpdate": {"maxUnavailable": 0, "maxSurge": "0%"}}),
+            ),
+            "spec.strategy.rollingUpdate.maxUnavailable",
+            "may not be 0 when maxSurge is 0",
+        ),
+        (
+            with(
+                d(),
+                "/spec/strategy",
+                json!({"rollingUpdate": {"maxSurge": "a lot"}}),
+            ),
+            "spec.strategy.rollingUpdate.maxSurge",
+            "percentage",
+        ),
+        (
+            with(
+                d(),
+                "/spec/strategy",
+                json!({"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}),
+            ),
+            "spec.strategy.rollingUpdate",
+            "Recreate",
+        ),
+        (
+            with(d(), "/spec/strategy", json!({"type": "BlueGreen"})),
+            "spec.strategy.type",
+            "unsupported value",
+        ),
+        (
+            with(d(), "/spec/progressDeadlineSeconds", json!(5)).pipe_min_ready(10),
+            "spec.progressDeadlineSeconds",
+            "greater than minReadySeconds",
+        ),
+        (
+            with(d(), "/spec/paused", json!(true)),
+            "spec.paused",
+            "not supported",
+        ),
+        (
+            with(d(), "/metadata/name", json!("Nginx")),
+            "metadata.name",
+            "DNS-1123 subdomain",
+        ),
+        (
+            with(
+                d(),
+                "/metadata/ownerReferences",
+                json!([{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "1", "controller": true}, {"apiVersion": "v1", "kind": "Y", "name": "y", "uid": "2", "controller": true}]),
+            ),
+            "metadata.ownerReferences[1].controller",
+            "only one reference",
+        ),
+    ];
+    for (doc, field, why) in cases {
+        refused_with(validate_deployment("d.yaml", &doc), "d.yaml", field, why);
+    }
+    refused_with(
+        validate_deployment(
+            "d.yaml",
+            &with(d(), "/apiVersion", json!("extensions/v1beta1")),
+        ),
+        "d.yaml",
+        "apiVersion",
+        "expected \"apps/v1\"",
+    );
+}
+
+trait MinReady {
+    fn pipe_min_ready(self, seconds: i64) -> Value;
+}
+
+impl MinReady for Value {
+    fn pipe_min_ready(self, seconds: i64) -> Value {
+        with(self, "/spec/minReadySeconds", json!(seconds))
+    }
+}
+
+/// A pod using every scheduling field weir-control reads.
+fn scheduled_pod() -> Value {
+    let mut doc = pod_with("/spec", "nodeSelector", json!({"disktype": "ssd"}));
+    let spec = doc["spec"].as_object_mut().unwrap();
+    spec.insert("nodeName".into(), json!("node-1"));
+    spec.insert("priorityClassName".into(), json!("system-node-critical"));
+    spec.insert("preemptionPolicy".into(), json!("Never"));
+    spec.insert("tolerations".into(), json!([
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+        {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"},
+    ]));
+    spec.insert("affinity".into(), json!({
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]},
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]},
+            ]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 10, "preference": {"matchExpressions": [{"key": "cpus", "operator": "Gt", "values": ["4"]}]}},
+            ],
+        },
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"},
+            ],
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}, "topologyKey": "zone", "namespaces": ["default"]}},
+            ],
+        },
+    }));
+    doc["spec"]["containers"][0]["ports"][0]["hostPort"] = json!(8080);
+    doc
+}
+
+#[test]
+fn cluster_pods_use_the_scheduling_fields() {
+    let v = validate_cluster_pod(FILE, &scheduled_pod()).unwrap();
+    assert_eq!(v.warnings, Vec::<String>::new());
+    let spec = v.pod.spec.as_ref().unwrap();
+    assert_eq!(spec.priority, Some(2_000_001_000));
+    assert_eq!(spec.node_name.as_deref(), Some("node-1"));
+    assert_eq!(spec.tolerations.as_ref().unwrap().len(), 2);
+    assert!(spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    assert_eq!(
+        spec.containers[0].ports.as_ref().unwrap()[0].host_port,
+        Some(8080)
+    );
+    // The standalone agent refuses the host port and ignores the rest.
+    refused_with(
+        validate_pod(FILE, &scheduled_pod()),
+        FILE,
+        "spec.containers[0].ports[0].hostPort",
+        "not supported",
+    );
+    let mut alone = scheduled_pod();
+    alone["spec"]["containers"][0]["ports"][0]["hostPort"] = json!(0);
+    let v = validate_pod(FILE, &alone).unwrap();
+    let mut fields: Vec<&str> = v
+        .warnings
+        .iter()
+        .map(|w| w.split(": ").nth(1).unwrap())
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "spec.affinity",
+            "spec.nodeName",
+            "spec.nodeSelector",
+            "spec.preemptionPolicy",
+            "spec.priorityClassName",
+            "spec.tolerations"
+        ]
+    );
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
+fn cluster_pod_scheduling_fields_are_checked() {
+    let p = scheduled_pod;
+    let na = "/spec/affinity/nodeAffinity";
+    let cases = [
+        (
+            with(p(), "/spec/nodeName", json!("Node_1")),
+            "spec.nodeName",
+            "DNS-1123 subdomain",
+        ),
+        (
+            with(p(), "/spec/nodeSelector", json!({"disk type": "ssd"})),
+            "spec.nodeSelector[disk type]",
+            "invalid key",
+        ),
+        (
+            with(
+                p(),
+                "/spec/tolerations",
+                json!([{"key": "k", "operator": "Exists", "value": "v"}]),
+            ),
+            "spec.tolerations[0].value",
+            "must be empty when operator is Exists",
+        ),
+        (
+            with(
+                p(),
+                "/spec/tolerations",
+                json!([{"operator": "Equal", "value": "v"}]),
+            ),
+            "spec.tolerations[0].operator",
+            "must be Exists when key is empty",
+        ),
+        (
+            with(
+                p(),
+                "/spec/tolerations",
+                json!([{"key": "k", "effect": "NoWay"}]),
+            ),
+            "spec.tolerations[0].effect",
+            "unsupported value",
+        ),
+        (
+            with(
+                p(),
+                "/spec/tolerations",
+                json!([{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]),
+            ),
+            "spec.tolerations[0].effect",
+            "must be NoExecute",
+        ),
+        (
+            with(
+                p(),
+                &format!("{na}/requiredDuringSchedulingIgnoredDuringExecution"),
+                json!({"nodeSelectorTerms": []}),
+            ),
+            "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms",
+            "at least one",
+        ),
+        (
+            with(
+                p(),
+                &format!("{na}/preferredDuringSchedulingIgnoredDuringExecution"),
+                json!([{"weight": 0, "preference": {}}]),
+            ),
+            "spec.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight",
+            "range 1-100",
+        ),
+        (
+            with(
+                p(),
+                &format!("{na}/preferredDuringSchedulingIgnoredDuringExecution"),
+                json!([{"weight": 1, "preference": {"matchExpressions": [{"key": "cpus", "operator": "Gt", "values": ["4", "5"]}]}}]),
+            ),
+            "spec.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].values",
+            "exactly one integer",
+        ),
+        (
+            with(
+                p(),
+                &format!("{na}/requiredDuringSchedulingIgnoredDuringExecution"),
+                json!({"nodeSelectorTerms": [{"matchFields": [{"key": "spec.unschedulable", "operator": "In", "values": ["true"]}]}]}),
+            ),
+            "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchFields[0].key",
+            "metadata.name",
+        ),
+        (
+            with(
+                p(),
+                "/spec/affinity/podAffinity",
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}),
+            ),
+            "spec.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+            "required",
+        ),
+        (
+            with(
+                p(),
+                "/spec/affinity/podAffinity",
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "zone", "namespaceSelector": {"matchLabels": {"a": "b"}}}]}),
+            ),
+            "spec.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector",
+            "not supported",
+        ),
+        (
+            with(p(), "/spec/priorityClassName", json!("high")),
+            "spec.priorityClassName",
+            "PriorityClass",
+        ),
+        (
+            with(p(), "/spec/priority", json!(5)),
+            "spec.priority",
+            "does not match",
+        ),
+        (
+            with(p(), "/spec/preemptionPolicy", json!("Always")),
+            "spec.preemptionPolicy",
+            "unsupported value",
+        ),
+        (
+            with(p(), "/spec/containers/0/ports/0/hostPort", json!(70000)),
+            "spec.containers[0].ports[0].hostPort",
+            "between 1 and 65535",
+        ),
+    ];
+    for (doc, field, why) in cases {
+        refused_with(validate_cluster_pod(FILE, &doc), FILE, field, why);
+    }
+    // Another class together with an explicit priority is fine.
+    let mut custom = with(p(), "/spec/priorityClassName", json!("high"));
+    custom["spec"]["priority"] = json!(1000);
+    let v = validate_cluster_pod(FILE, &custom).unwrap();
+    assert_eq!(v.pod.spec.unwrap().priority, Some(1000));
+    // Two containers may not take the same host port.
+    let mut two = p();
+    two["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "b", "image": "busybox", "ports": [{"containerPort": 9090, "hostPort": 8080}]}));
+    refused_with(
+        validate_cluster_pod(FILE, &two),
+        FILE,
+        "spec.containers[1].ports[0].hostPort",
+        "duplicate host port 8080/TCP",
+    );
+}
+
+#[test]
+fn nodes_and_events_are_checked() {
+    let node = |spec: Value| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {"kubernetes.io/hostname": "node-1"}}, "spec": spec});
+    let v = validate_node("n", &node(json!({"podCIDR": "10.244.1.0/24", "unschedulable": true, "providerID": "weir://node-1",
+        "taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": "2024-01-01T00:00:00Z"}]}))).unwrap();
+    assert_eq!(
+        v.object.spec.as_ref().unwrap().pod_cidrs,
+        Some(vec!["10.244.1.0/24".to_owned()])
+    );
+    assert_eq!(v.object.metadata.namespace, None);
+    let v = validate_node("n", &node(json!({}))).unwrap();
+    assert_eq!(v.object.spec.unwrap().pod_cidrs, None);
+    for (spec, field, why) in [
+        (
+            json!({"podCIDR": "10.244.1.0"}),
+            "spec.podCIDR",
+            "not a valid CIDR",
+        ),
+        (
+            json!({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.2.0/24"]}),
+            "spec.podCIDRs[0]",
+            "must match spec.podCIDR",
+        ),
+        (
+            json!({"podCIDRs": ["10.244.1.0/24", "10.245.0.0/24"]}),
+            "spec.podCIDRs[1]",
+            "one CIDR for each IP family",
+        ),
+        (
+            json!({"taints": [{"key": "k", "effect": "Sometimes"}]}),
+            "spec.taints[0].effect",
+            "unsupported value",
+        ),
+        (
+            json!({"taints": [{"key": "k"}]}),
+            "spec.taints[0].effect",
+            "required",
+        ),
+        (
+            json!({"taints": [{"key": "k", "effect": "NoSchedule"}, {"key": "k", "value": "v", "effect": "NoSchedule"}]}),
+            "spec.taints[1]",
+            "unique by key and effect",
+        ),
+        (
+            json!({"unschedulable": "yes"}),
+            "spec.unschedulable",
+            "true or false",
+        ),
+    ] {
+        refused_with(validate_node("n", &node(spec)), "n", field, why);
+    }
+    let mut namespaced = node(json!({}));
+    namespaced["metadata"]["namespace"] = json!("default");
+    refused_with(
+        validate_node("n", &namespaced),
+        "n",
+        "metadata.namespace",
+        "cluster-scoped",
+    );
+
+    let event = |extra: Value| {
+        let mut e = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "web.1", "namespace": "default"},
+            "involvedObject": {"kind": "Pod", "name": "web", "namespace": "default", "uid": "u"},
+            "reason": "Scheduled", "message": "assigned", "type": "Normal", "source": {"component": "default-scheduler"},
+            "firstTimestamp": "2024-01-01T00:00:00Z", "lastTimestamp": "2024-01-01T00:00:00Z", "count": 1});
+        e.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        e
+    };
+    validate_event("e", &event(json!({}))).unwrap();
+    refused_with(
+        validate_event("e", &event(json!({"type": "Info"}))),
+        "e",
+        "type",
+        "unsupported value",
+    );
+    refused_with(
+        validate_event(
+            "e",
+            &event(json!({"involvedObject": {"kind": "Pod", "name": "web", "namespace": "other"}})),
+        ),
+        "e",
+        "involvedObject.namespace",
+        "does not match",
+    );
+    refused_with(
+        validate_event("e", &event(json!({"involvedObject": {"kind": "Pod"}}))),
+        "e",
+        "involvedObject.name",
+        "required",
+    );
+    refused_with(
+        validate_event("e", &event(json!({"severity": "high"}))),
+        "e",
+        "severity",
+        "unknown field",
+    );
 }

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use super::ManifestError;
-use super::table::{self, FieldClass, Inert, Shape};
+use super::table::{FieldClass, Inert, Shape, Table};
 
 /// What the walk learnt about a document; the document itself is edited in place.
 pub(super) struct Walked {
@@ -19,13 +19,19 @@ pub(super) struct Walked {
 
 struct Walker<'a> {
     file: &'a str,
+    table: &'a Table,
     out: Walked,
 }
 
-/// Walks a document (a mapping) from the top, editing it in place.
-pub(super) fn walk(file: &str, doc: &mut Map<String, Value>) -> Result<Walked, ManifestError> {
+/// Walks a document (a mapping) from the top against `table`, editing it in place.
+pub(super) fn walk(
+    file: &str,
+    table: &Table,
+    doc: &mut Map<String, Value>,
+) -> Result<Walked, ManifestError> {
     let mut w = Walker {
         file,
+        table,
         out: Walked {
             warnings: Vec::new(),
             kept_warned: Vec::new(),
@@ -66,10 +72,10 @@ impl Walker<'_> {
             let child_pattern = join(pattern, key);
             let child_path = join(path, key);
             let child_pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
-            let Some(rule) = table::rule(&child_pattern) else {
-                return Err(self.err(&child_path, unknown_field(pattern, key)));
+            let Some(class) = self.table.rule(&child_pattern) else {
+                return Err(self.err(&child_path, unknown_field(self.table, pattern, key)));
             };
-            match rule.class {
+            match class {
                 FieldClass::Used { shape, .. } => {
                     self.used(shape, &child_pattern, &child_path, &child_pointer, value)?;
                 }
@@ -102,11 +108,8 @@ impl Walker<'_> {
         for key in drop {
             map.remove(&key);
         }
-        for rule in table::POD_FIELDS {
-            let FieldClass::Used { required: true, .. } = rule.class else {
-                continue;
-            };
-            let Some(name) = table::child_name(pattern, rule.path) else {
+        for (name, class) in self.table.children(pattern) {
+            let FieldClass::Used { required: true, .. } = class else {
                 continue;
             };
             if map.get(name).is_none_or(Value::is_null) {
@@ -154,28 +157,12 @@ impl Walker<'_> {
                 }
                 Ok(())
             }
-            Shape::String => expect_string(value).map_err(|r| self.err(path, r)),
-            Shape::I32 => {
-                let n = expect_integer(value).map_err(|r| self.err(path, r))?;
-                i32::try_from(n)
-                    .map(drop)
-                    .map_err(|_| self.err(path, format!("{n} is out of range")))
-            }
-            Shape::I64 => expect_integer(value)
-                .map(drop)
-                .map_err(|r| self.err(path, r)),
-            Shape::StringList => {
-                let Value::Array(items) = value else {
-                    return Err(self.err(
-                        path,
-                        format!("must be a list of strings, got {}", describe(value)),
-                    ));
-                };
-                for (i, item) in items.iter().enumerate() {
-                    expect_string(item).map_err(|r| self.err(&format!("{path}[{i}]"), r))?;
-                }
-                Ok(())
-            }
+            Shape::String
+            | Shape::Bool
+            | Shape::IntOrString
+            | Shape::I32
+            | Shape::I64
+            | Shape::StringList => self.scalar(shape, path, value),
             Shape::StringMap => {
                 let Value::Object(map) = value else {
                     return Err(
@@ -218,6 +205,55 @@ impl Walker<'_> {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Strings, booleans, integers and lists of strings.
+    fn scalar(&self, shape: Shape, path: &str, value: &Value) -> Result<(), ManifestError> {
+        match shape {
+            Shape::String => expect_string(value).map_err(|r| self.err(path, r)),
+            Shape::Bool => match value {
+                Value::Bool(_) => Ok(()),
+                other => Err(self.err(
+                    path,
+                    format!("must be true or false, got {}", describe(other)),
+                )),
+            },
+            Shape::IntOrString => match value {
+                Value::String(_) => Ok(()),
+                Value::Number(n) if n.as_i64().and_then(|n| i32::try_from(n).ok()).is_some() => {
+                    Ok(())
+                }
+                other => Err(self.err(
+                    path,
+                    format!(
+                        "must be an integer or a string such as \"25%\", got {}",
+                        describe(other)
+                    ),
+                )),
+            },
+            Shape::I32 => {
+                let n = expect_integer(value).map_err(|r| self.err(path, r))?;
+                i32::try_from(n)
+                    .map(drop)
+                    .map_err(|_| self.err(path, format!("{n} is out of range")))
+            }
+            Shape::I64 => expect_integer(value)
+                .map(drop)
+                .map_err(|r| self.err(path, r)),
+            Shape::StringList => {
+                let Value::Array(items) = value else {
+                    return Err(self.err(
+                        path,
+                        format!("must be a list of strings, got {}", describe(value)),
+                    ));
+                };
+                for (i, item) in items.iter().enumerate() {
+                    expect_string(item).map_err(|r| self.err(&format!("{path}[{i}]"), r))?;
+                }
+                Ok(())
+            }
+            Shape::Object | Shape::ObjectList | Shape::StringMap | Shape::QuantityMap => Ok(()),
         }
     }
 }
@@ -263,9 +299,10 @@ fn describe(v: &Value) -> String {
 }
 
 /// "unknown field", with a hint when a known field is spelt nearly the same.
-fn unknown_field(parent: &str, key: &str) -> String {
-    let best = table::children(parent)
-        .map(|known| {
+fn unknown_field(table: &Table, parent: &str, key: &str) -> String {
+    let best = table
+        .children(parent)
+        .map(|(known, _)| {
             (
                 edit_distance(&key.to_ascii_lowercase(), &known.to_ascii_lowercase()),
                 known,
