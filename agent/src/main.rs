@@ -199,7 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let cancel = CancellationToken::new();
     let Some((joined, (pod_cidr, cluster_cidr, service_cidr))) =
-        network_plan(&args, &cancel, &mut term).await?
+        network_plan(&args, &state_dir, &cancel, &mut term).await?
     else {
         return Ok(());
     };
@@ -290,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// (standalone). `None` if a signal came while registering.
 async fn network_plan(
     args: &Args,
+    state_dir: &std::path::Path,
     cancel: &CancellationToken,
     term: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<Option<(Option<(Control, Assignment)>, (Cidr, Cidr, Cidr))>> {
@@ -302,7 +303,7 @@ async fn network_plan(
             (pod_cidr, args.cluster_cidr, args.service_cidr),
         )));
     };
-    let Some((control, a)) = join(args, url, cancel, term).await? else {
+    let Some((control, a)) = join(args, url, state_dir, cancel, term).await? else {
         return Ok(None);
     };
     let cidrs = (a.pod_cidr, a.cluster_cidr, a.service_cidr);
@@ -315,6 +316,7 @@ async fn network_plan(
 async fn join(
     args: &Args,
     url: &str,
+    state_dir: &std::path::Path,
     cancel: &CancellationToken,
     term: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<Option<(Control, Assignment)>> {
@@ -330,8 +332,9 @@ async fn join(
             version: format!("v{}", env!("CARGO_PKG_VERSION")),
         },
     )?;
+    let cache = state_dir.join("control.json");
     tokio::select! {
-        r = control.register(cancel) => Ok(Some((control.clone(), r?))),
+        r = control.register(&cache, cancel) => Ok(Some((control.clone(), r?))),
         _ = tokio::signal::ctrl_c() => Ok(None),
         _ = term.recv() => Ok(None),
     }

@@ -373,6 +373,7 @@ fn mark_for_deletion(store: &std::path::Path, name: &str) -> anyhow::Result<()> 
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one cluster's story, top to bottom")]
 fn pods_outlive_agent_and_control_restarts_and_marked_pods_are_removed() -> anyhow::Result<()> {
     let mut c = ControlCluster::new("nb", 42, 2, CONTROL_ARGS)?;
     c.start_agent(0)?;
@@ -440,6 +441,17 @@ fn pods_outlive_agent_and_control_restarts_and_marked_pods_are_removed() -> anyh
     // kill -9 the control: pods keep running and serving.
     c.control.kill();
     std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(probe(&c)?, "still-here");
+    // An agent restarted while the control is down starts on its cached
+    // assignment and adopts its pods.
+    c.node(0).kill_agent();
+    c.node(0).start_agent()?;
+    let p = c
+        .node(0)
+        .wait_pod("web", "adopted", Duration::from_secs(30), |p| {
+            p["status"]["phase"] == "Running"
+        })?;
+    assert_eq!(p["metadata"]["uid"], uid(&web).as_str());
     assert_eq!(probe(&c)?, "still-here");
     // While it is down, mark `late` for deletion in its store (what a
     // graceful Delete does), then bring it back: the agents reconnect,

@@ -16,6 +16,7 @@ pub mod routes;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +107,41 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// Writes the assignment to `file` (atomically).
+    pub fn save(&self, file: &Path) -> std::io::Result<()> {
+        let text = serde_json::json!({
+            "pod_cidr": self.pod_cidr.to_string(),
+            "cluster_cidr": self.cluster_cidr.to_string(),
+            "service_cidr": self.service_cidr.to_string(),
+            "heartbeat_interval_ms": u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),
+        })
+        .to_string();
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, file)
+    }
+
+    /// The assignment cached in `file`, if it is there and readable.
+    pub fn load(file: &Path) -> Option<Self> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Self::from_response(&v1::RegisterResponse {
+            pod_cidr: text("pod_cidr"),
+            cluster_cidr: text("cluster_cidr"),
+            service_cidr: text("service_cidr"),
+            heartbeat_interval_ms: v
+                .get("heartbeat_interval_ms")
+                .and_then(serde_json::Value::as_u64)?,
+        })
+        .ok()
+    }
+
     fn from_response(r: &v1::RegisterResponse) -> Result<Self, ControlError> {
         let cidr = |field: &'static str, value: &str| {
             value.parse::<Cidr>().map_err(|e| ControlError::Assignment {
@@ -180,16 +216,37 @@ impl Control {
     }
 
     /// Registers, retrying with backoff until the control answers (or
-    /// `cancel`), and returns the node's assignment.
-    pub async fn register(&self, cancel: &CancellationToken) -> Result<Assignment, ControlError> {
+    /// `cancel`), and returns the node's assignment, which is also kept in
+    /// `cache`. If the control is unreachable and an earlier assignment is
+    /// cached, that one is used at once (the pods this node runs keep their
+    /// network; heartbeats re-register once the control is back).
+    pub async fn register(
+        &self,
+        cache: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Assignment, ControlError> {
         let mut delay = BACKOFF_INITIAL;
         loop {
             match self.register_once().await {
                 Ok(r) => {
                     tracing::info!(node = %self.settings.node, pod_cidr = %r.pod_cidr, "registered with the control");
-                    return Assignment::from_response(&r);
+                    let a = Assignment::from_response(&r)?;
+                    if let Err(e) = a.save(cache) {
+                        tracing::warn!(file = %cache.display(), error = %e, "cannot cache the assignment");
+                    }
+                    return Ok(a);
                 }
                 Err(s) => {
+                    let unreachable = matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Unknown
+                    );
+                    if unreachable && let Some(a) = Assignment::load(cache) {
+                        tracing::warn!(error = %s.message(), pod_cidr = %a.pod_cidr, "the control is unreachable; starting with the cached assignment");
+                        return Ok(a);
+                    }
                     tracing::warn!(error = %s.message(), code = ?s.code(), retry_in = ?delay, "cannot register with the control; retrying");
                 }
             }
@@ -335,6 +392,32 @@ mod tests {
         assert!(parse_labels("").unwrap().is_empty());
         assert!(parse_labels("novalue").unwrap_err().contains("key=value"));
         assert!(parse_labels("=x").unwrap_err().contains("empty key"));
+    }
+
+    #[test]
+    fn assignments_round_trip_through_the_cache() {
+        let dir = std::env::temp_dir().join(format!("weir-assign-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("control.json");
+        assert!(Assignment::load(&file).is_none());
+        let a = Assignment::from_response(&v1::RegisterResponse {
+            pod_cidr: "10.244.3.0/24".into(),
+            cluster_cidr: "10.244.0.0/16".into(),
+            service_cidr: "10.96.0.0/16".into(),
+            heartbeat_interval_ms: 5000,
+        })
+        .unwrap();
+        a.save(&file).unwrap();
+        let b = Assignment::load(&file).unwrap();
+        assert_eq!(b.pod_cidr, a.pod_cidr);
+        assert_eq!(b.service_cidr, a.service_cidr);
+        assert_eq!(b.heartbeat, Duration::from_secs(5));
+        let bad = Assignment::from_response(&v1::RegisterResponse {
+            pod_cidr: "nope".into(),
+            ..Default::default()
+        });
+        assert!(bad.unwrap_err().to_string().contains("pod_cidr"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
