@@ -215,24 +215,11 @@ impl<S: Store> NodesService<S> {
             NodesError::Invalid(format!("address: {:?} is not an IPv4 address", req.address))
         })?;
         let _one_at_a_time = self.register.lock().await;
-        let stored = self.node(&req.node_name).await?.map(|(j, _)| j);
-        let pod_cidr = self.pod_cidr(&req.node_name, stored.as_ref()).await?;
-        let manifest = node::manifest(req, stored.as_ref(), &pod_cidr.to_string());
-        self.api
-            .apply(&v1::ApplyRequest {
-                manifest_json: manifest.to_string(),
-                field_manager: "weir-nodes".to_owned(),
-            })
-            .await?;
-        let status =
-            node::registered_status(req, stored.as_ref().and_then(|s| s.get("status")), &now());
-        self.api
-            .update_status(&v1::UpdateStatusRequest {
-                r#ref: Some(node_ref(&req.node_name)),
-                status_json: status.to_string(),
-                resource_version: 0,
-            })
-            .await?;
+        let pod_cidr = self.write_spec(req).await?;
+        self.write_status(&req.node_name, |stored| {
+            node::registered_status(req, stored, &now())
+        })
+        .await?;
         tracing::info!(node = %req.node_name, %pod_cidr, address = %req.address, "node registered");
         Ok(v1::RegisterResponse {
             pod_cidr: pod_cidr.to_string(),
@@ -247,14 +234,8 @@ impl<S: Store> NodesService<S> {
     /// resources); `NotFound` if the node is not registered.
     pub async fn heartbeat(&self, req: &v1::HeartbeatRequest) -> Result<(), NodesError> {
         check_node_name(&req.node_name)?;
-        for _ in 0..WRITE_ATTEMPTS {
-            let Some((json, rv)) = self.node(&req.node_name).await? else {
-                return Err(NodesError::NotFound(format!(
-                    "nodes \"{}\" not found: register first",
-                    req.node_name
-                )));
-            };
-            let mut status = json.get("status").cloned().unwrap_or(Value::Null);
+        self.write_status(&req.node_name, |stored| {
+            let mut status = stored.cloned().unwrap_or(Value::Null);
             node::set_ready(&mut status, &now());
             if let Some(c) = &req.capacity {
                 status["capacity"] = node::resources(c);
@@ -262,29 +243,77 @@ impl<S: Store> NodesService<S> {
             if let Some(a) = &req.allocatable {
                 status["allocatable"] = node::resources(a);
             }
-            match self
+            status
+        })
+        .await
+    }
+
+    /// Applies the node's metadata and spec (read-modify-write with the
+    /// resource version read, retried on conflict); returns its pod CIDR.
+    async fn write_spec(&self, req: &v1::RegisterRequest) -> Result<Cidr, NodesError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = self.node(&req.node_name).await?;
+            let pod_cidr = self
+                .pod_cidr(&req.node_name, stored.as_ref().map(|(j, _)| j))
+                .await?;
+            let mut manifest =
+                node::manifest(req, stored.as_ref().map(|(j, _)| j), &pod_cidr.to_string());
+            if let Some((_, rv)) = &stored {
+                manifest["metadata"]["resourceVersion"] = Value::from(rv.to_string());
+            }
+            let applied = self
                 .api
-                .update_status(&v1::UpdateStatusRequest {
-                    r#ref: Some(node_ref(&req.node_name)),
-                    status_json: status.to_string(),
-                    resource_version: rv,
+                .apply(&v1::ApplyRequest {
+                    manifest_json: manifest.to_string(),
+                    field_manager: "weir-nodes".to_owned(),
                 })
-                .await
-            {
-                Ok(_) => return Ok(()),
+                .await;
+            match applied {
+                Ok(_) => return Ok(pod_cidr),
                 Err(ApiError::Conflict { .. }) => {}
-                Err(ApiError::NotFound { .. }) => {
-                    return Err(NodesError::NotFound(format!(
-                        "nodes \"{}\" not found: register first",
-                        req.node_name
-                    )));
-                }
                 Err(e) => return Err(e.into()),
             }
         }
         Err(ApiError::Conflict {
             plural: "nodes",
             name: req.node_name.clone(),
+        }
+        .into())
+    }
+
+    /// Replaces the node's status with `f(stored status)`, compare-and-swap
+    /// on the version read, retried on conflict; `NotFound` if the node is
+    /// not registered.
+    async fn write_status(
+        &self,
+        name: &str,
+        f: impl Fn(Option<&Value>) -> Value,
+    ) -> Result<(), NodesError> {
+        let not_found =
+            || NodesError::NotFound(format!("nodes \"{name}\" not found: register first"));
+        for _ in 0..WRITE_ATTEMPTS {
+            let Some((json, rv)) = self.node(name).await? else {
+                return Err(not_found());
+            };
+            let status = f(json.get("status"));
+            let written = self
+                .api
+                .update_status(&v1::UpdateStatusRequest {
+                    r#ref: Some(node_ref(name)),
+                    status_json: status.to_string(),
+                    resource_version: rv,
+                })
+                .await;
+            match written {
+                Ok(_) => return Ok(()),
+                Err(ApiError::Conflict { .. }) => {}
+                Err(ApiError::NotFound { .. }) => return Err(not_found()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Conflict {
+            plural: "nodes",
+            name: name.to_owned(),
         }
         .into())
     }
