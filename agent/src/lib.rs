@@ -3,10 +3,12 @@
 //! Modules by concern: `cri` talks to containerd (images, containers, tasks,
 //! events), `net` does pod networking through netlink, `dataplane` loads and
 //! adopts the eBPF programs and pinned maps, `pod` runs the per-pod lifecycle,
-//! `standalone` turns a manifest directory into desired pods, `http` serves
+//! `standalone` turns a manifest directory into desired pods, `control`
+//! follows weir-control (register, heartbeat, node watch, status reports), `http` serves
 //! metrics, pod status and logs.
 
 pub mod cgroup;
+pub mod control;
 pub mod cri;
 pub mod dataplane;
 pub mod http;

@@ -1,13 +1,14 @@
 //! weir-agent: runs a node's pods through containerd, wires their network
 //! with netlink and counts their traffic in eBPF.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use weir_agent::{
     cgroup::Layout,
+    control::{self, Assignment, Control},
     cri::{self, Runtime, events},
     dataplane::Dataplane,
     http,
@@ -22,7 +23,9 @@ use weir_agent::{
 /// Runs the pods of one node: each pod gets a network namespace with a veth
 /// and an IP from the node's pod CIDR, its containers run through containerd
 /// (runc) in the agent's own containerd namespace, and eBPF programs on each
-/// pod's veth count its traffic. Until the control plane exists the agent
+/// pod's veth count its traffic. With --control the node joins a
+/// weir-control cluster: it registers (and gets its pod CIDR), heartbeats,
+/// runs the pods bound to it and reports their status. Without it the agent
 /// runs in standalone mode: the Pod manifests in --manifest-dir are the
 /// node's pods (add a file to start, change it to replace, remove it to stop).
 ///
@@ -40,9 +43,20 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
 
-    /// The node's IP, reported as the pods' hostIP.
+    /// The node's IP, reported as the pods' hostIP (and, with --control,
+    /// the address other nodes route this node's pods through; required
+    /// then).
     #[arg(long)]
     node_ip: Option<String>,
+
+    /// weir-control's URL, e.g. `http://10.0.0.1:7443`: control mode (the
+    /// pod CIDR comes from the control; no manifest directory).
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
+
+    /// Extra node labels (control mode), e.g. `zone=a,disk=ssd`.
+    #[arg(long, value_name = "K=V,...", value_parser = control::parse_labels)]
+    node_labels: Option<HashMap<String, String>>,
 
     /// containerd's socket.
     #[arg(
@@ -57,9 +71,9 @@ struct Args {
     #[arg(long)]
     containerd_namespace: Option<String>,
 
-    /// This node's pod CIDR (a /24 of the cluster CIDR).
-    #[arg(long, value_name = "CIDR")]
-    pod_cidr: Cidr,
+    /// This node's pod CIDR (a /24 of the cluster CIDR); standalone mode.
+    #[arg(long, value_name = "CIDR", required_unless_present = "control")]
+    pod_cidr: Option<Cidr>,
 
     /// The cluster's pod CIDR; kept behind an `unreachable` route.
     #[arg(long, default_value = "10.244.0.0/16", value_name = "CIDR")]
@@ -70,8 +84,8 @@ struct Args {
     service_cidr: Cidr,
 
     /// Directory of Pod manifests (standalone mode).
-    #[arg(long, value_name = "DIR")]
-    manifest_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "control")]
+    manifest_dir: Option<PathBuf>,
 
     /// Directory of OCI image tarballs, imported at start and whenever a pod
     /// needs an image that is not present (weir never pulls).
@@ -182,11 +196,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/log/weir").join(&node));
     let state = StateDir::open(&state_dir)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let cancel = CancellationToken::new();
+    let Some((joined, (pod_cidr, cluster_cidr, service_cidr))) =
+        network_plan(&args, &state_dir, &cancel, &mut term).await?
+    else {
+        return Ok(());
+    };
     let net = Network::open(NodeNetConfig {
         node_name: node.clone(),
-        pod_cidr: args.pod_cidr,
-        cluster_cidr: args.cluster_cidr,
-        service_cidr: args.service_cidr,
+        pod_cidr,
+        cluster_cidr,
+        service_cidr,
         state_dir: state_dir.clone(),
         netns_dir: args.run_dir.join("netns").join(&node),
     })
@@ -213,7 +234,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state,
         cgroups,
     );
-    let cancel = CancellationToken::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(events::follow(
         channel.clone(),
@@ -237,14 +257,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
     pod::import_images_now(&mgr).await;
     mgr.adopt().await;
-    let watch = tokio::spawn(standalone::run(
-        args.manifest_dir.clone(),
-        mgr.clone(),
-        cancel.clone(),
-    ));
+    let watch = match joined {
+        Some((control, assignment)) => {
+            tokio::spawn(control.run(mgr.clone(), assignment, cancel.clone()))
+        }
+        None => tokio::spawn(standalone::run(
+            args.manifest_dir
+                .clone()
+                .context("--manifest-dir is required without --control")?,
+            mgr.clone(),
+            cancel.clone(),
+        )),
+    };
 
     tokio::spawn(trim_memory(cancel.clone()));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -257,6 +283,61 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
     Ok(())
+}
+
+/// The node's joined control (control mode) and its pod, cluster and
+/// service CIDRs: from the control's assignment, or from the flags
+/// (standalone). `None` if a signal came while registering.
+async fn network_plan(
+    args: &Args,
+    state_dir: &std::path::Path,
+    cancel: &CancellationToken,
+    term: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<Option<(Option<(Control, Assignment)>, (Cidr, Cidr, Cidr))>> {
+    let Some(url) = &args.control else {
+        let pod_cidr = args
+            .pod_cidr
+            .context("--pod-cidr is required without --control")?;
+        return Ok(Some((
+            None,
+            (pod_cidr, args.cluster_cidr, args.service_cidr),
+        )));
+    };
+    let Some((control, a)) = join(args, url, state_dir, cancel, term).await? else {
+        return Ok(None);
+    };
+    let cidrs = (a.pod_cidr, a.cluster_cidr, a.service_cidr);
+    Ok(Some((Some((control, a)), cidrs)))
+}
+
+/// Control mode: registers with the control (retrying until it answers)
+/// and returns the connection and the node's assignment; `None` if a
+/// signal came first.
+async fn join(
+    args: &Args,
+    url: &str,
+    state_dir: &std::path::Path,
+    cancel: &CancellationToken,
+    term: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<Option<(Control, Assignment)>> {
+    let address = args.node_ip.clone().context(
+        "--node-ip is required with --control (other nodes route to this node's pods through it)",
+    )?;
+    let control = Control::new(
+        url,
+        control::Settings {
+            node: args.node_name.clone(),
+            address,
+            labels: args.node_labels.clone().unwrap_or_default(),
+            version: format!("v{}", env!("CARGO_PKG_VERSION")),
+        },
+    )?;
+    let cache = state_dir.join("control.json");
+    tokio::select! {
+        r = control.register(&cache, cancel) => Ok(Some((control.clone(), r?))),
+        _ = tokio::signal::ctrl_c() => Ok(None),
+        _ = term.recv() => Ok(None),
+    }
 }
 
 /// Hands memory freed after a burst (pods started or stopped) back to the

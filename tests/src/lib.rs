@@ -353,6 +353,11 @@ pub struct Node {
     socket: PathBuf,
     /// Extra agent flags.
     pub agent_args: Vec<String>,
+    /// weir-control's URL when the agent runs in control mode.
+    control: Option<String>,
+    /// The pod CIDR a standalone agent uses instead of `pod_cidr` (after a
+    /// control-mode agent, whose CIDR came from the control).
+    standalone_cidr: Option<String>,
 }
 
 impl Node {
@@ -382,18 +387,22 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.agent_log())?;
-        let child = Command::new(agent_bin())
-            .args(["--node-name", &self.name, "--netns", &self.netns_path()])
-            .args([
-                "--node-ip",
-                &self.ip.to_string(),
-                "--pod-cidr",
-                &self.pod_cidr,
-            ])
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["--node-name", &self.name, "--netns", &self.netns_path()])
+            .args(["--node-ip", &self.ip.to_string()]);
+        match &self.control {
+            Some(url) => cmd.args(["--control", url]),
+            None => cmd
+                .args([
+                    "--pod-cidr",
+                    self.standalone_cidr.as_deref().unwrap_or(&self.pod_cidr),
+                ])
+                .arg("--manifest-dir")
+                .arg(&self.manifests),
+        };
+        let child = cmd
             .arg("--containerd-socket")
             .arg(&self.socket)
-            .arg("--manifest-dir")
-            .arg(&self.manifests)
             .arg("--image-dir")
             .arg(image_dir())
             .arg("--state-dir")
@@ -413,6 +422,31 @@ impl Node {
         })
         .with_context(|| format!("agent log tail:\n{}", tail(&self.agent_log_text(), 30)))?;
         Ok(())
+    }
+
+    /// Starts weir-agent in control mode against `url` (it registers, so
+    /// the control must be up for the agent's API to come up).
+    pub fn start_agent_with_control(&mut self, url: &str) -> anyhow::Result<()> {
+        self.control = Some(url.to_owned());
+        self.start_agent()
+    }
+
+    /// The pod CIDR the agent's IPAM holds (in control mode, the one the
+    /// control assigned).
+    pub fn ipam_cidr(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join("state/ipam.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["pod_cidr"].as_str().map(str::to_owned)
+    }
+
+    /// Switches a control-mode node back to standalone (an empty manifest
+    /// directory: the next agent stops every pod), keeping the pod CIDR
+    /// its IPAM was opened with. Kills the running agent.
+    pub fn leave_control(&mut self) {
+        self.kill_agent();
+        if self.control.take().is_some() {
+            self.standalone_cidr = self.ipam_cidr();
+        }
     }
 
     /// SIGKILLs the agent (pods keep running).
@@ -611,6 +645,8 @@ impl Cluster {
                 "--backoff-max".into(),
                 "4s".into(),
             ],
+            control: None,
+            standalone_cidr: None,
         });
         Ok(())
     }
@@ -717,6 +753,141 @@ impl Drop for Cluster {
             sh_quiet("ip", &["route", "del", "unreachable", cidr]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A weir-control process with its redb store, serving on the cluster's
+/// bridge so agents in node netns reach it.
+pub struct ControlPlane {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its redb file.
+    pub store: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+}
+
+impl ControlPlane {
+    /// Starts weir-control on `ip` (a free port), its store and log under
+    /// `dir`, with `args` added, and waits until it listens.
+    pub fn start(dir: &Path, ip: Ipv4Addr, args: &[&str]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .with_context(|| format!("find a free port on {ip}"))?
+            .port();
+        let mut me = Self {
+            child: None,
+            addr: SocketAddr::from((ip, port)),
+            store: dir.join("weir.redb"),
+            log: dir.join("control.log"),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        me.restart()?;
+        Ok(me)
+    }
+
+    /// Its URL for agents and clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// (Re)starts it on the same address and store; waits until it listens.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(control_bin())
+            .args(["--listen", &self.addr.to_string()])
+            .arg("--store")
+            .arg(&self.store)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start weir-control")?;
+        self.child = Some(child);
+        let addr = self.addr;
+        wait_for("weir-control listening", Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()
+        })
+        .with_context(|| format!("control log tail:\n{}", tail(&self.log_text(), 30)))?;
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A [`Cluster`] whose agents follow a real weir-control (control mode)
+/// listening on the bridge's host address.
+///
+/// Dropping it stops the control, then turns every node back into a
+/// standalone agent with no manifests, which stops all pods the way the
+/// plain cluster's teardown expects.
+pub struct ControlCluster {
+    /// The nodes, bridge and containerd.
+    pub cluster: Cluster,
+    /// weir-control.
+    pub control: ControlPlane,
+}
+
+impl ControlCluster {
+    /// A cluster of `nodes` nodes (agents not started) and a running
+    /// weir-control with `control_args` (e.g. `--heartbeat-interval 1s`).
+    pub fn new(tag: &str, subnet: u8, nodes: usize, control_args: &[&str]) -> anyhow::Result<Self> {
+        let cluster = Cluster::new(tag, subnet, nodes)?;
+        let control = ControlPlane::start(
+            &cluster.dir.join("control"),
+            Ipv4Addr::new(10, 250, subnet, 1),
+            control_args,
+        )?;
+        Ok(Self { cluster, control })
+    }
+
+    /// Node `i`.
+    pub fn node(&mut self, i: usize) -> &mut Node {
+        self.cluster.node(i)
+    }
+
+    /// Starts node `i`'s agent in control mode.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let url = self.control.url();
+        self.cluster.node(i).start_agent_with_control(&url)
+    }
+}
+
+impl Drop for ControlCluster {
+    fn drop(&mut self) {
+        self.control.kill();
+        for n in &mut self.cluster.nodes {
+            n.leave_control();
+        }
     }
 }
 

@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     /// burst of hundreds only thrashes (every step ends in runc, which is
     /// CPU-bound) and holds every in-flight step's memory at once.
     steps: tokio::sync::Semaphore,
+    /// Bumped whenever a pod's view changes or its worker ends, for
+    /// whoever reports pod status (control mode).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Pods that may run a start step (network, containers) at the same time.
@@ -131,6 +134,7 @@ impl Manager {
             ifindexes: RwLock::new(HashMap::new()),
             last_import: tokio::sync::Mutex::new(None),
             steps: tokio::sync::Semaphore::new(CONCURRENT_STEPS),
+            changes: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -143,6 +147,32 @@ impl Manager {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// One pod with its status, by uid.
+    pub fn pod_by_uid(&self, uid: &str) -> Option<Pod> {
+        self.0
+            .views
+            .read()
+            .expect("views lock poisoned")
+            .get(uid)
+            .cloned()
+    }
+
+    /// Whether a worker still runs (or stops) the pod with this uid; false
+    /// once it is fully torn down.
+    pub fn has_worker(&self, uid: &str) -> bool {
+        self.0
+            .workers
+            .lock()
+            .expect("workers lock poisoned")
+            .contains_key(uid)
+    }
+
+    /// A receiver that sees a change whenever any pod's status changes or a
+    /// pod's worker ends.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.changes.subscribe()
     }
 
     /// Traffic counters and cgroup of each pod, for metrics.
@@ -327,6 +357,7 @@ impl Manager {
                 .write()
                 .expect("ifindex lock poisoned")
                 .remove(&uid);
+            sh.changed();
         });
     }
 
@@ -347,6 +378,11 @@ impl Manager {
 }
 
 impl Shared {
+    /// Tells subscribers that a pod changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn log_path(&self, namespace: &str, name: &str, uid: &str, container: &str) -> PathBuf {
         self.cfg
             .log_dir

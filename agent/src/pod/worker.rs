@@ -775,6 +775,7 @@ impl Worker {
                 .expect("ifindex lock poisoned")
                 .insert(self.rec.uid.clone(), n.host_ifindex);
         }
+        self.sh.changed();
     }
 }
 
