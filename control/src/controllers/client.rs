@@ -190,6 +190,32 @@ impl<S: Store> Client<S> {
         }
     }
 
+    /// Whether an object exists in the store (not just in a cache, which may
+    /// lag another cache).
+    pub(crate) async fn exists(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, Error> {
+        let r = v1::ObjectRef {
+            api_version: kind.api_version().to_owned(),
+            kind: kind.name().to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match self.api.get(&r).await {
+            Ok(_) => Ok(true),
+            Err(ApiError::NotFound { .. }) => Ok(false),
+            Err(source) => Err(Error::Api {
+                action: "get",
+                kind: kind.name(),
+                key: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// Records an event about an object of `kind`.
     pub(crate) async fn event(
         &self,

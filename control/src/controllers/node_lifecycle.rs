@@ -142,8 +142,9 @@ pub struct Verdict {
     /// Write `Ready=Unknown`: the heartbeat is overdue and the node doesn't
     /// say so yet.
     pub mark_unknown: bool,
-    /// The `Ready` status after that: `True`, `False` or `Unknown`.
-    pub ready: String,
+    /// The `Ready` status after that: `True`, `False` or `Unknown`; `None`
+    /// for a new node that hasn't reported yet (its taints are left alone).
+    pub ready: Option<String>,
     /// When to check again if nothing happens (the heartbeat deadline).
     pub recheck: Option<Duration>,
 }
@@ -152,7 +153,7 @@ pub struct Verdict {
 /// `Ready.lastHeartbeatTime` (else the node's creation) plus `grace`.
 pub fn verdict(node: &Node, grace: Duration, now: Timestamp) -> Verdict {
     let ready = ready_condition(node);
-    let status = ready.map_or("Unknown", |c| c.status.as_str()).to_owned();
+    let status = ready.map(|c| c.status.clone());
     let last = ready
         .and_then(|c| c.last_heartbeat_time.as_ref())
         .or(node.metadata.creation_timestamp.as_ref())
@@ -160,8 +161,8 @@ pub fn verdict(node: &Node, grace: Duration, now: Timestamp) -> Verdict {
     let deadline = last + SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
     if deadline <= now {
         return Verdict {
-            mark_unknown: status != "Unknown" || ready.is_none(),
-            ready: "Unknown".to_owned(),
+            mark_unknown: status.as_deref() != Some("Unknown"),
+            ready: Some("Unknown".to_owned()),
             recheck: None,
         };
     }
@@ -263,11 +264,15 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, name: &str) -> Result<Action, Error> 
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default();
-    if let Some(taints) = desired_taints(&taints, &verdict.ready, now) {
+    let desired = verdict
+        .ready
+        .as_deref()
+        .and_then(|ready| desired_taints(&taints, ready, now));
+    if let Some(taints) = desired {
         let mut tainted = (*node).clone();
         tainted.spec.get_or_insert_with(Default::default).taints =
             (!taints.is_empty()).then_some(taints);
-        tracing::info!(node = name, ready = %verdict.ready, "node-controller: updating taints");
+        tracing::info!(node = name, ready = ?verdict.ready, "node-controller: updating taints");
         ctx.client
             .apply(&ctx.nodes, "taint", &tainted, COMPONENT)
             .await?;
@@ -376,6 +381,11 @@ async fn evict<S: Store>(
 
 /// Force-deletes pods bound to a node that has no Node object.
 async fn delete_orphans<S: Store>(ctx: &Ctx<S>, node: &str) -> Result<Action, Error> {
+    let pods = ctx.pods.by_index(BY_NODE, node);
+    // The pod cache may be ahead of the node cache: ask the store.
+    if pods.is_empty() || ctx.client.exists(Kind::Node, "", node).await? {
+        return Ok(Action::Done);
+    }
     let mut first_error = None;
     for pod in ctx.pods.by_index(BY_NODE, node) {
         tracing::info!(

@@ -27,7 +27,7 @@ const GRACE: Duration = Duration::from_secs(40);
 fn heartbeat_within_grace_is_fine_and_says_when_to_look_again() {
     let v = verdict(&node(Some(("True", 1000))), GRACE, at(1010));
     assert!(!v.mark_unknown);
-    assert_eq!(v.ready, "True");
+    assert_eq!(v.ready.as_deref(), Some("True"));
     assert_eq!(v.recheck, Some(Duration::from_secs(30)));
 }
 
@@ -35,12 +35,15 @@ fn heartbeat_within_grace_is_fine_and_says_when_to_look_again() {
 fn overdue_heartbeat_marks_unknown_once() {
     let v = verdict(&node(Some(("True", 1000))), GRACE, at(1040));
     assert!(v.mark_unknown);
-    assert_eq!(v.ready, "Unknown");
+    assert_eq!(v.ready.as_deref(), Some("Unknown"));
     let v = verdict(&node(Some(("Unknown", 1000))), GRACE, at(1100));
     assert!(!v.mark_unknown, "already Unknown");
-    assert_eq!(v.ready, "Unknown");
-    // Never reported: judged from the node's creation.
-    assert!(!verdict(&node(None), GRACE, at(120)).mark_unknown);
+    assert_eq!(v.ready.as_deref(), Some("Unknown"));
+    // Never reported: judged from the node's creation, taints left alone
+    // until then.
+    let fresh = verdict(&node(None), GRACE, at(120));
+    assert!(!fresh.mark_unknown);
+    assert_eq!(fresh.ready, None);
     assert!(verdict(&node(None), GRACE, at(141)).mark_unknown);
 }
 
@@ -48,7 +51,7 @@ fn overdue_heartbeat_marks_unknown_once() {
 fn ready_false_keeps_its_status() {
     let v = verdict(&node(Some(("False", 1000))), GRACE, at(1001));
     assert!(!v.mark_unknown);
-    assert_eq!(v.ready, "False");
+    assert_eq!(v.ready.as_deref(), Some("False"));
 }
 
 fn taint(key: &str, effect: &str, added: i64) -> Taint {
