@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use clap::Parser;
 use weir_control::{
-    api,
+    api, controllers,
     store::{EtcdStore, RedbStore, Store},
 };
 
@@ -32,6 +32,30 @@ struct Args {
     /// Key prefix of weir's objects in etcd.
     #[arg(long, default_value = "/weir")]
     etcd_prefix: String,
+
+    // --- controllers ---
+    /// How long a node may miss heartbeats before it is marked
+    /// `Ready=Unknown`, tainted unreachable and its pods evicted.
+    #[arg(long, default_value = "40s", value_parser = controllers::parse_duration)]
+    node_monitor_grace_period: std::time::Duration,
+
+    /// How often the node lifecycle controller checks every node's heartbeat.
+    #[arg(long, default_value = "5s", value_parser = controllers::parse_duration)]
+    node_monitor_period: std::time::Duration,
+
+    /// Most pods one `ReplicaSet` reconcile creates or deletes at once.
+    #[arg(long, default_value_t = 500)]
+    burst_replicas: usize,
+}
+
+impl Args {
+    fn controllers(&self) -> controllers::Config {
+        controllers::Config {
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            node_monitor_period: self.node_monitor_period,
+            burst_replicas: self.burst_replicas,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +81,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let store = EtcdStore::connect(&endpoints, &args.etcd_prefix)
             .await
             .with_context(|| format!("connect to etcd at {}", args.store))?;
-        serve(args.listen, Arc::new(store), &args.store).await
+        serve(&args, Arc::new(store)).await
     } else {
         let path = PathBuf::from(&args.store);
         if let Some(dir) = path.parent() {
@@ -65,12 +89,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let store =
             RedbStore::open(&path).with_context(|| format!("open store {}", path.display()))?;
-        serve(args.listen, Arc::new(store), &args.store).await
+        serve(&args, Arc::new(store)).await
     }
 }
 
-async fn serve<S: Store>(listen: SocketAddr, store: Arc<S>, what: &str) -> anyhow::Result<()> {
-    tracing::info!(%listen, store = what, "weir-control serving");
+async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
+    let listen = args.listen;
+    tracing::info!(%listen, store = %args.store, "weir-control serving");
+    let api = Arc::new(api::ObjectsApi::new(store));
+    // --- controllers: started here, stopped after the server ---
+    let (stop_controllers, controllers_stopped) = tokio::sync::watch::channel(false);
+    let controllers = controllers::spawn(Arc::clone(&api), args.controllers(), controllers_stopped);
+    // --- end controllers ---
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -79,9 +109,19 @@ async fn serve<S: Store>(listen: SocketAddr, store: Arc<S>, what: &str) -> anyho
             () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(api::service(store))
+    let served = tonic::transport::Server::builder()
+        .add_service(api::service_from(api))
         .serve_with_shutdown(listen, shutdown)
         .await
-        .with_context(|| format!("serve on {listen}"))
+        .with_context(|| format!("serve on {listen}"));
+    // --- controllers: stop within a bound ---
+    stop_controllers.send_replace(true);
+    if tokio::time::timeout(std::time::Duration::from_secs(5), controllers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("controllers did not stop within 5s");
+    }
+    // --- end controllers ---
+    served
 }

@@ -22,6 +22,28 @@ pub mod replicaset;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod parse_tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_like_kubernetes_flags() {
+        assert_eq!(super::parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(
+            super::parse_duration("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(super::parse_duration("2m"), Ok(Duration::from_mins(2)));
+        assert_eq!(
+            super::parse_duration("1.5s"),
+            Ok(Duration::from_millis(1500))
+        );
+        assert!(super::parse_duration("40").is_err());
+        assert!(super::parse_duration("4x").is_err());
+        assert!(super::parse_duration("s").is_err());
+    }
+}
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +81,26 @@ impl Default for Config {
             burst_replicas: 500,
         }
     }
+}
+
+/// Parses a flag duration the way Kubernetes flags are written: a number
+/// with a unit `ms`, `s`, `m` or `h` (e.g. `40s`, `500ms`, `1m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("{text:?}: missing unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// What a reconcile asks of the queue when it succeeds.
