@@ -1,22 +1,26 @@
 //! weir-control: the thin control service. Holds the cluster's objects in a
-//! store and serves the `Objects` API (so far; the `Nodes` service, the
-//! scheduler and the controllers come next).
+//! store, serves the `Objects` API (users) and the `Nodes` API (agents), and
+//! runs the scheduler and the controllers.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use weir_control::{
-    api, nodes,
+    api, controllers, nodes,
     store::{EtcdStore, RedbStore, Store},
 };
 
 /// weir's control service.
 ///
-/// Stores the cluster's objects (Kubernetes-shaped: Namespace and Pod so
-/// far) and serves them over gRPC (`weir.v1.Objects`: `Apply`, `UpdateStatus`,
-/// `Get`, `List`, `Delete`, `Watch`). With no flags it keeps its objects in an
-/// embedded redb file; `--store etcd://host:port[,host:port...]` uses etcd.
+/// Stores the cluster's objects (Kubernetes-shaped namespaces, pods, replica
+/// sets, deployments, daemon sets, nodes and events) and serves them over gRPC:
+/// `weir.v1.Objects` for users and weirctl (`Apply`, `UpdateStatus`, `Get`,
+/// `List`, `Delete`, `Watch`) and `weir.v1.Nodes` for agents (`Register`,
+/// `Heartbeat`, `WatchNode`, `ReportPodStatus`). Runs the controllers
+/// (replica sets, deployments, daemon sets, node lifecycle). With no flags it
+/// keeps its objects in an embedded redb file; `--store
+/// etcd://host:port[,host:port...]` uses etcd.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -43,22 +47,40 @@ struct Args {
     service_cidr: nodes::Cidr,
 
     /// How often agents heartbeat (e.g. 5s, 500ms).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = controllers::parse_duration)]
     heartbeat_interval: Duration,
+
+    // --- controllers ---
+    /// How long a node may miss heartbeats before it is marked
+    /// `Ready=Unknown`, tainted unreachable and its pods evicted.
+    #[arg(long, default_value = "40s", value_parser = controllers::parse_duration)]
+    node_monitor_grace_period: Duration,
+
+    /// How often the node lifecycle controller checks every node's heartbeat.
+    #[arg(long, default_value = "5s", value_parser = controllers::parse_duration)]
+    node_monitor_period: Duration,
+
+    /// Most pods one `ReplicaSet` reconcile creates or deletes at once.
+    #[arg(long, default_value_t = 500)]
+    burst_replicas: usize,
 }
 
-/// Parses `500ms`, `5s`, `2m` (a bare number is seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+impl Args {
+    fn controllers(&self) -> controllers::Config {
+        controllers::Config {
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            node_monitor_period: self.node_monitor_period,
+            burst_replicas: self.burst_replicas,
+        }
+    }
+
+    fn nodes(&self) -> nodes::NodesConfig {
+        nodes::NodesConfig {
+            cluster_cidr: self.cluster_cidr,
+            service_cidr: self.service_cidr,
+            heartbeat_interval: self.heartbeat_interval,
+            ..nodes::NodesConfig::default()
+        }
     }
 }
 
@@ -104,17 +126,8 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
         .await
         .context("create the default namespaces")?;
     tracing::info!(%listen, store = %args.store, "weir-control serving");
-    // --- Nodes service (agents) ---
-    let nodes = nodes::service(
-        Arc::clone(&api),
-        nodes::NodesConfig {
-            cluster_cidr: args.cluster_cidr,
-            service_cidr: args.service_cidr,
-            heartbeat_interval: args.heartbeat_interval,
-            ..nodes::NodesConfig::default()
-        },
-    );
-    // --- end Nodes service ---
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let controllers = controllers::spawn(Arc::clone(&api), args.controllers(), stopped);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -123,10 +136,19 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
             () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(api::service_from(Arc::clone(&api)))
-        .add_service(nodes)
+        .add_service(nodes::service(Arc::clone(&api), args.nodes()))
         .serve_with_shutdown(listen, shutdown)
         .await
-        .with_context(|| format!("serve on {listen}"))
+        .with_context(|| format!("serve on {listen}"));
+    // Background work stops within a bound once the server has.
+    stop.send_replace(true);
+    if tokio::time::timeout(Duration::from_secs(5), controllers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("controllers did not stop within 5s");
+    }
+    served
 }

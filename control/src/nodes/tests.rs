@@ -357,6 +357,8 @@ async fn watch_node_lists_then_follows_its_pods_and_peers_and_resumes() {
                 name: "c".into(),
                 ..Default::default()
             }),
+            // Removed at once (a graceful delete would be MODIFIED first).
+            grace_period_seconds: Some(0),
             ..Default::default()
         })
         .await
