@@ -16,8 +16,11 @@ struct Control {
 
 impl Control {
     fn start(store: &std::path::Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        // The API alone: these tests write what controllers and agents
+        // would report themselves, to check weirctl's output against it.
         let child = Command::new(weir_tests::control_bin())
-            .args(["--listen", &addr.to_string(), "--store"])
+            .args(["--listen", &addr.to_string(), "--disable-controllers"])
+            .arg("--store")
             .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -63,6 +63,11 @@ struct Args {
     /// Most pods one `ReplicaSet` reconcile creates or deletes at once.
     #[arg(long, default_value_t = 500)]
     burst_replicas: usize,
+
+    /// Serve the API only: run neither the scheduler nor the controllers
+    /// (for tests and debugging; nothing then acts on the objects).
+    #[arg(long)]
+    disable_controllers: bool,
 }
 
 impl Args {
@@ -127,7 +132,8 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
         .context("create the default namespaces")?;
     tracing::info!(%listen, store = %args.store, "weir-control serving");
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let controllers = controllers::spawn(Arc::clone(&api), args.controllers(), stopped);
+    let controllers = (!args.disable_controllers)
+        .then(|| controllers::spawn(Arc::clone(&api), args.controllers(), stopped));
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -144,9 +150,10 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
         .with_context(|| format!("serve on {listen}"));
     // Background work stops within a bound once the server has.
     stop.send_replace(true);
-    if tokio::time::timeout(Duration::from_secs(5), controllers)
-        .await
-        .is_err()
+    if let Some(controllers) = controllers
+        && tokio::time::timeout(Duration::from_secs(5), controllers)
+            .await
+            .is_err()
     {
         tracing::warn!("controllers did not stop within 5s");
     }
