@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use clap::Parser;
 use weir_control::{
-    api,
+    api, scheduler,
     store::{EtcdStore, RedbStore, Store},
 };
 
@@ -32,6 +32,23 @@ struct Args {
     /// Key prefix of weir's objects in etcd.
     #[arg(long, default_value = "/weir")]
     etcd_prefix: String,
+
+    // --- scheduler (control/src/scheduler) ---
+    /// Scheduler configuration, YAML, every key optional (camelCase):
+    /// `weights: {leastAllocated: 1, mostAllocated: 0, balancedAllocation: 1,
+    /// selectorSpread: 2, nodeAffinity: 2, podAffinity: 2, taintToleration: 3}`
+    /// (0 turns a score off; `mostAllocated` > 0 with `leastAllocated: 0`
+    /// packs pods), `percentageOfNodesToScore` (0 = adaptive as
+    /// kube-scheduler: on 100+ nodes stop filtering once 50% minus 1% per
+    /// 125 nodes, at least 5%, were found feasible), `bindConcurrency`
+    /// (256), `recordScheduledEvents` (true), `unschedulableFlushSeconds`
+    /// (30), `schedulerName` (default-scheduler).
+    #[arg(long, value_name = "FILE")]
+    scheduler_config: Option<PathBuf>,
+
+    /// Do not run the scheduler (pods stay pending unless bound otherwise).
+    #[arg(long)]
+    no_scheduler: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +66,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // --- scheduler config (control/src/scheduler) ---
+    let scheduler = if args.no_scheduler {
+        None
+    } else {
+        Some(match &args.scheduler_config {
+            Some(path) => scheduler::Config::load(path)?,
+            None => scheduler::Config::default(),
+        })
+    };
+    // --- end scheduler config ---
     if let Some(endpoints) = args.store.strip_prefix("etcd://") {
         let endpoints: Vec<String> = endpoints
             .split(',')
@@ -57,7 +84,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let store = EtcdStore::connect(&endpoints, &args.etcd_prefix)
             .await
             .with_context(|| format!("connect to etcd at {}", args.store))?;
-        serve(args.listen, Arc::new(store), &args.store).await
+        serve(args.listen, Arc::new(store), &args.store, scheduler).await
     } else {
         let path = PathBuf::from(&args.store);
         if let Some(dir) = path.parent() {
@@ -65,12 +92,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let store =
             RedbStore::open(&path).with_context(|| format!("open store {}", path.display()))?;
-        serve(args.listen, Arc::new(store), &args.store).await
+        serve(args.listen, Arc::new(store), &args.store, scheduler).await
     }
 }
 
-async fn serve<S: Store>(listen: SocketAddr, store: Arc<S>, what: &str) -> anyhow::Result<()> {
+async fn serve<S: Store>(
+    listen: SocketAddr,
+    store: Arc<S>,
+    what: &str,
+    scheduler: Option<scheduler::Config>,
+) -> anyhow::Result<()> {
     tracing::info!(%listen, store = what, "weir-control serving");
+    let api = Arc::new(api::ObjectsApi::new(store));
+    // --- scheduler (control/src/scheduler): runs beside the server ---
+    let scheduler_task = scheduler.map(|config| {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move {
+            if let Err(e) = scheduler::run(api, config, std::future::pending()).await {
+                tracing::error!(error = format!("{e:#}"), "scheduler stopped");
+            }
+        })
+    });
+    // --- end scheduler ---
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -79,9 +122,13 @@ async fn serve<S: Store>(listen: SocketAddr, store: Arc<S>, what: &str) -> anyho
             () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(api::service(store))
+    let served = tonic::transport::Server::builder()
+        .add_service(api::service_from(api))
         .serve_with_shutdown(listen, shutdown)
         .await
-        .with_context(|| format!("serve on {listen}"))
+        .with_context(|| format!("serve on {listen}"));
+    if let Some(task) = scheduler_task {
+        task.abort();
+    }
+    served
 }
