@@ -45,6 +45,8 @@
 //!   only when the message changes; a `Scheduled` event per bind
 //!   ([`Config::record_scheduled_events`]).
 
+#[cfg(test)]
+mod bench;
 mod cache;
 mod decide;
 mod driver;
