@@ -8,8 +8,10 @@
 //! loopback ports, killed afterwards). One `SCHED-BENCH {json}` line per run.
 //!
 //! Environment: `WEIR_BENCH_NODES` (5000), `WEIR_BENCH_PODS` (`10000,50000`),
-//! `WEIR_BENCH_STORES` (`redb,etcd`), `WEIR_BENCH_EVENTS` (`on,off`: runs
-//! with and without the `Scheduled` event per pod), `WEIR_BENCH_LIMIT_S`
+//! `WEIR_BENCH_STORES` (`redb,etcd`), `WEIR_BENCH_MODES`
+//! (`events,no-events,backlog`: pods created while the scheduler runs,
+//! with and without the `Scheduled` event per pod; and all pods created
+//! before it starts), `WEIR_BENCH_LIMIT_S`
 //! (600, per run).
 
 use std::net::TcpListener;
@@ -143,6 +145,27 @@ fn pod_manifest(i: usize) -> String {
     .to_string()
 }
 
+/// Creates `pods` pods, [`CLIENTS`] at a time; returns how long it took.
+async fn create_pods<S: Store>(api: Arc<ObjectsApi<S>>, pods: usize) -> Duration {
+    let t = Instant::now();
+    futures::stream::iter(0..pods)
+        .map(|i| {
+            let api = Arc::clone(&api);
+            async move {
+                api.apply(&v1::ApplyRequest {
+                    manifest_json: pod_manifest(i),
+                    field_manager: "bench".into(),
+                })
+                .await
+                .unwrap();
+            }
+        })
+        .buffer_unordered(CLIENTS)
+        .collect::<Vec<()>>()
+        .await;
+    t.elapsed()
+}
+
 /// One run: nodes, scheduler, pods; prints its `SCHED-BENCH` line.
 async fn measure<S: Store>(
     store: Arc<S>,
@@ -150,6 +173,7 @@ async fn measure<S: Store>(
     nodes: usize,
     pods: usize,
     events: bool,
+    backlog: bool,
     limit: Duration,
 ) {
     let api = Arc::new(ObjectsApi::new(store));
@@ -163,37 +187,33 @@ async fn measure<S: Store>(
         ..Config::default()
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let scheduler = tokio::spawn(run_with_stats(
-        Arc::clone(&api),
-        config,
-        Arc::clone(&stats),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    // Let it list the nodes before the clock starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let t0 = Instant::now();
-    let creator = {
-        let api = Arc::clone(&api);
-        tokio::spawn(async move {
-            futures::stream::iter(0..pods)
-                .map(|i| {
-                    let api = Arc::clone(&api);
-                    async move {
-                        api.apply(&v1::ApplyRequest {
-                            manifest_json: pod_manifest(i),
-                            field_manager: "bench".into(),
-                        })
-                        .await
-                        .unwrap();
-                    }
-                })
-                .buffer_unordered(CLIENTS)
-                .collect::<Vec<()>>()
-                .await;
-            t0.elapsed()
-        })
+    let start_scheduler = || {
+        tokio::spawn(run_with_stats(
+            Arc::clone(&api),
+            config.clone(),
+            Arc::clone(&stats),
+            async move {
+                let _ = stopped.await;
+            },
+        ))
+    };
+    let (scheduler, creator, t0) = if backlog {
+        // All pods first; the clock runs from the scheduler's start (its
+        // initial List of nodes and pods included) to the last bind.
+        let created_in = create_pods(Arc::clone(&api), pods).await;
+        let t0 = Instant::now();
+        let scheduler = start_scheduler();
+        (scheduler, tokio::spawn(async move { created_in }), t0)
+    } else {
+        let scheduler = start_scheduler();
+        // Let it list the nodes before the clock starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        (
+            scheduler,
+            tokio::spawn(create_pods(Arc::clone(&api), pods)),
+            t0,
+        )
     };
     let deadline = t0 + limit;
     let mut last_report = Instant::now();
@@ -231,6 +251,7 @@ async fn measure<S: Store>(
         "nodes": nodes,
         "pods": pods,
         "scheduled_events": events,
+        "mode": if backlog { "backlog" } else { "concurrent" },
         "bound": bound,
         "bound_in_store": stored_bound,
         "max_pods_per_node": max_per_node,
@@ -277,24 +298,31 @@ async fn bench_scheduler() {
         .map(|p| p.trim().parse().unwrap())
         .collect();
     let stores = env_or("WEIR_BENCH_STORES", "redb,etcd");
-    let events: Vec<bool> = env_or("WEIR_BENCH_EVENTS", "on,off")
+    // (Scheduled events, backlog): the default config with pods created
+    // while it runs, the same without events, and the default config
+    // working off a backlog of pods created before it started.
+    let modes: Vec<(bool, bool)> = env_or("WEIR_BENCH_MODES", "events,no-events,backlog")
         .split(',')
-        .map(|e| e.trim() == "on")
+        .map(|m| match m.trim() {
+            "no-events" => (false, false),
+            "backlog" => (true, true),
+            _ => (true, false),
+        })
         .collect();
     let limit = Duration::from_secs(env_or("WEIR_BENCH_LIMIT_S", "600").parse().unwrap());
     for store in stores.split(',').map(str::trim) {
         let etcd = (store == "etcd").then(Etcd::start);
         for &n in &pods {
-            for &ev in &events {
+            for &(ev, backlog) in &modes {
                 let label = store.to_owned();
                 if let Some(etcd) = &etcd {
-                    let prefix = format!("/bench-{n}-{ev}");
+                    let prefix = format!("/bench-{n}-{ev}-{backlog}");
                     let s = Arc::new(etcd.connect(&prefix).await);
-                    measure(s, &label, nodes, n, ev, limit).await;
+                    measure(s, &label, nodes, n, ev, backlog, limit).await;
                 } else {
                     let dir: PathBuf = tempfile::tempdir().unwrap().keep();
                     let s = Arc::new(RedbStore::open(dir.join("bench.redb")).unwrap());
-                    measure(s, &label, nodes, n, ev, limit).await;
+                    measure(s, &label, nodes, n, ev, backlog, limit).await;
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }

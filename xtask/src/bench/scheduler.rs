@@ -2,7 +2,9 @@
 //! in process, built in release: 5,000 Node objects (no agents), then
 //! 10,000 and 50,000 pods created while it runs; pods bound per second,
 //! with the redb and the etcd store in the same run, with and without the
-//! `Scheduled` event per pod. The body is the ignored test
+//! `Scheduled` event per pod, and once more working off a backlog (all
+//! pods created before the scheduler starts, which takes pod creation out
+//! of the figure). The body is the ignored test
 //! `scheduler::bench::bench_scheduler` in weir-control (it starts its own
 //! etcd on free loopback ports in a temp dir and kills it afterwards);
 //! this collects its `SCHED-BENCH` lines into one `BENCH` line.
@@ -55,7 +57,7 @@ pub(crate) fn run(nodes: usize, pods: &str, stores: &str, limit: Duration) -> an
         .env("WEIR_BENCH_NODES", nodes.to_string())
         .env("WEIR_BENCH_PODS", pods)
         .env("WEIR_BENCH_STORES", stores)
-        .env("WEIR_BENCH_EVENTS", "on,off")
+        .env("WEIR_BENCH_MODES", "events,no-events,backlog")
         .env("WEIR_BENCH_LIMIT_S", limit.as_secs().to_string())
         .stdout(Stdio::piped())
         .spawn()
@@ -64,7 +66,8 @@ pub(crate) fn run(nodes: usize, pods: &str, stores: &str, limit: Duration) -> an
     let mut runs = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("read cargo test output")?;
-        if let Some(json) = line.strip_prefix("SCHED-BENCH ") {
+        // libtest may print "test … ... " before the test's first line.
+        if let Some((_, json)) = line.split_once("SCHED-BENCH ") {
             let run: Value = serde_json::from_str(json).with_context(|| format!("parse {json}"))?;
             runs.push(run);
         }
@@ -84,9 +87,14 @@ pub(crate) fn run(nodes: usize, pods: &str, stores: &str, limit: Duration) -> an
         let n = r["pods"].as_u64().unwrap_or(0);
         let store = r["store"].as_str().unwrap_or("?");
         let events = r["scheduled_events"].as_bool().unwrap_or(true);
-        let key = format!("{store}_{n}_pods{}", if events { "" } else { "_no_events" });
+        let backlog = r["mode"] == "backlog";
+        let key = format!(
+            "{store}_{n}_pods{}{}",
+            if events { "" } else { "_no_events" },
+            if backlog { "_backlog" } else { "" }
+        );
         ratios.insert(key.clone(), json!(round3(rate / baseline(n))));
-        if events {
+        if events && !backlog {
             met &= rate >= TARGET && r["complete"].as_bool().unwrap_or(false);
         }
         figures.push(
@@ -105,7 +113,7 @@ pub(crate) fn run(nodes: usize, pods: &str, stores: &str, limit: Duration) -> an
             "5000Nodes_50000Pods_pods_per_s": 810,
         },
         "ratio": ratios,
-        "target": format!("pods_per_s >= {TARGET} for every workload and store with the default config (Scheduled events on), every pod bound"),
+        "target": format!("pods_per_s >= {TARGET} for every workload and store with the default config (Scheduled events on, pods created while it runs), every pod bound"),
         "target_met": met,
         "wall_s": started.elapsed().as_secs(),
     });
