@@ -398,3 +398,40 @@ async fn preemption_evicts_a_lower_priority_pod_for_a_higher_one() {
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_writes_node_name_once_and_refuses_other_uids_and_bound_pods() {
+    let c = Cluster::start();
+    c.pod("p", "100m", &json!({}), &json!({})).await;
+    let uid = c.get("p").await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = c
+        .api
+        .bind("default", "p", "not-the-uid", "n1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(other, crate::api::ApiError::Conflict { .. }),
+        "{other}"
+    );
+    let bound = c.api.bind("default", "p", &uid, "n1").await.unwrap();
+    let doc: Value = serde_json::from_str(&bound.json).unwrap();
+    assert_eq!(doc["spec"]["nodeName"], "n1");
+    assert_eq!(
+        doc["metadata"]["resourceVersion"],
+        bound.meta.unwrap().resource_version.to_string()
+    );
+    let again = c.api.bind("default", "p", &uid, "n2").await.unwrap_err();
+    assert_eq!(
+        again.to_string(),
+        "pod default/p is already assigned to node \"n1\""
+    );
+    assert_eq!(c.get("p").await.unwrap()["spec"]["nodeName"], "n1");
+    let missing = c.api.bind("default", "nope", "", "n1").await.unwrap_err();
+    assert!(
+        matches!(missing, crate::api::ApiError::NotFound { .. }),
+        "{missing}"
+    );
+}
