@@ -9,6 +9,7 @@ mod density;
 mod env;
 mod pod_start;
 mod probe;
+mod scheduler;
 mod util;
 
 use std::{path::PathBuf, time::Duration};
@@ -44,6 +45,23 @@ enum Which {
         #[arg(long, default_value_t = 30)]
         idle_secs: u64,
     },
+    /// The scheduler over the real store and API (no agents): Node objects,
+    /// then pods created while it runs; pods bound per second on redb and
+    /// etcd, against kube-scheduler's published CI floors.
+    Scheduler {
+        /// Node objects.
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        /// Pod counts, one run each (comma-separated).
+        #[arg(long, default_value = "10000,50000")]
+        pods: String,
+        /// Stores to run against (comma-separated: redb, etcd).
+        #[arg(long, default_value = "redb,etcd")]
+        stores: String,
+        /// Bound on each run, in seconds.
+        #[arg(long, default_value_t = 600)]
+        limit_secs: u64,
+    },
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -51,8 +69,16 @@ const MAX_PODS: usize = 253;
 
 /// Runs `cargo xtask bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let pods = match args.bench {
-        Which::PodStart { pods } | Which::Density { pods, .. } => pods,
+    let pods = match &args.bench {
+        Which::PodStart { pods } | Which::Density { pods, .. } => *pods,
+        Which::Scheduler {
+            nodes,
+            pods,
+            stores,
+            limit_secs,
+        } => {
+            return scheduler::run(*nodes, pods, stores, Duration::from_secs(*limit_secs));
+        }
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -71,6 +97,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Which::PodStart { pods } => pod_start::run(&agent, &image, pods),
         Which::Density { pods, idle_secs } => {
             density::run(&agent, &image, pods, Duration::from_secs(idle_secs))
+        }
+        Which::Scheduler { .. } => {
+            anyhow::bail!("internal: the scheduler bench is dispatched above")
         }
     }
 }
