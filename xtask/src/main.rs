@@ -23,8 +23,8 @@ enum Cmd {
     Image(image::ImageArgs),
     /// Install what a fresh machine lacks (apt packages, bpf-linker, rust-src).
     Setup,
-    /// Bring up a single-node weir (containerd, node netns, weir-agent) and
-    /// run the pods in examples/ through it.
+    /// Bring up a three-node weir (weir-control with its embedded store, one
+    /// weir-agent per node netns, one containerd) and run examples/ on it.
     Up,
     /// Tear down what `up` started.
     Down,
@@ -47,7 +47,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image(args) => image::run(&args),
         Cmd::Setup => setup::setup(),
         Cmd::Up => up::up(),
-        Cmd::Down => up::down(),
+        Cmd::Down => {
+            up::down();
+            Ok(())
+        }
         Cmd::Codegen => codegen::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(&args),

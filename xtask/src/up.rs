@@ -1,12 +1,14 @@
-//! `cargo xtask up` / `down`: a single-node weir on this machine.
+//! `cargo xtask up` / `down`: a three-node weir cluster on this machine.
 //!
 //! The machine plays the datacenter: a host bridge `weir-br0`
-//! (10.250.0.1/24), a node network namespace `weir-node-1` (10.250.0.2) on
-//! it, routes from the host to the node's pod CIDR, and `unreachable` routes
-//! for the cluster and service CIDRs so nothing of them leaves the machine.
-//! containerd runs with weir's own config and paths; weir-agent runs in the
-//! node namespace (it enters it itself) and the manifests in `examples/`
-//! become its pods.
+//! (10.250.0.1/24) with three node network namespaces on it
+//! (`weir-node-1..3`, 10.250.0.2..4), `unreachable` routes for the cluster
+//! and service CIDRs so nothing of them leaves the machine, and routes from
+//! the host to each node's pod CIDR. weir-control runs on the host with its
+//! embedded store; one weir-agent per node runs in the node's namespace (it
+//! enters it itself), all sharing one containerd with weir's own config and
+//! paths. The manifests in `examples/` (a Deployment of six HTTP servers and
+//! a client pod) are applied with weirctl and shown answering across nodes.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,24 +17,36 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use serde_json::Value;
 
 use crate::workspace_root;
 
-const NODE: &str = "weir-node-1";
+const NODES: usize = 3;
 const BRIDGE: &str = "weir-br0";
 const HOST_IP: &str = "10.250.0.1";
-const NODE_IP: &str = "10.250.0.2";
-const POD_CIDR: &str = "10.244.1.0/24";
+const CONTROL_PORT: u16 = 7443;
 const GUARDED: [&str; 2] = ["10.244.0.0/16", "10.96.0.0/16"];
+const RUN_DIR: &str = "/run/weir";
+const LOG_DIR: &str = "/var/log/weir";
 const CONTAINERD_DIR: &str = "/run/weir/containerd";
 const CONTAINERD_ROOT: &str = "/var/lib/weir/containerd";
+const CONTROL_STORE: &str = "/var/lib/weir/control";
+
+/// Node `i` (1-based): its name and IP on the bridge.
+fn node(i: usize) -> (String, String) {
+    (format!("weir-node-{i}"), format!("10.250.0.{}", i + 1))
+}
+
+fn control_url() -> String {
+    format!("http://{HOST_IP}:{CONTROL_PORT}")
+}
 
 fn socket() -> PathBuf {
     Path::new(CONTAINERD_DIR).join("containerd.sock")
 }
 
-fn manifests() -> PathBuf {
-    PathBuf::from("/etc/weir").join(NODE).join("manifests")
+fn pidfile(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.pid"))
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
@@ -60,6 +74,36 @@ fn pid_alive(pidfile: &Path) -> Option<u32> {
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
+/// Runs weirctl against the cluster; its stdout, or its stderr as the error.
+fn weirctl(args: &[&str]) -> anyhow::Result<String> {
+    let bin = workspace_root().join("target/debug/weirctl");
+    let out = Command::new(&bin)
+        .args(["--server", &control_url()])
+        .args(args)
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "weirctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The items of `weirctl get <what> -o json` (empty if it fails).
+fn items(what: &[&str]) -> Vec<Value> {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    args.extend(["-o", "json"]);
+    weirctl(&args)
+        .ok()
+        .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+        .and_then(|v| v["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 fn start_containerd() -> anyhow::Result<()> {
     let pidfile = Path::new(CONTAINERD_DIR).join("containerd.pid");
     if pid_alive(&pidfile).is_some() {
@@ -74,7 +118,7 @@ fn start_containerd() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn node_network() -> anyhow::Result<()> {
+fn node_networks() -> anyhow::Result<()> {
     for cidr in GUARDED {
         if ip(&["route", "show", "type", "unreachable", cidr])?
             .trim()
@@ -88,225 +132,254 @@ fn node_network() -> anyhow::Result<()> {
         ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
     }
-    if !ip(&["netns", "list"])?
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(NODE))
-    {
-        weir_tests::add_node_netns(NODE, "weir-n1-up", BRIDGE, NODE_IP, HOST_IP)?;
-    }
-    if ip(&["route", "show", POD_CIDR])?.trim().is_empty() {
-        ip(&["route", "add", POD_CIDR, "via", NODE_IP])?;
+    let existing = ip(&["netns", "list"])?;
+    for i in 1..=NODES {
+        let (name, node_ip) = node(i);
+        if !existing
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str()))
+        {
+            weir_tests::add_node_netns(&name, &format!("weir-n{i}-up"), BRIDGE, &node_ip, HOST_IP)?;
+        }
     }
     Ok(())
 }
 
-fn start_agent(agent: &Path, image_dir: &Path) -> anyhow::Result<()> {
-    let pidfile = PathBuf::from("/run/weir").join(format!("{NODE}.agent.pid"));
-    if let Some(pid) = pid_alive(&pidfile) {
-        eprintln!("weir-agent already running (pid {pid})");
+/// Starts `cmd` in the background unless `name`'s pidfile names a live
+/// process; output goes to /var/log/weir/<name>.log.
+fn daemon(name: &str, mut cmd: Command) -> anyhow::Result<()> {
+    if let Some(pid) = pid_alive(&pidfile(name)) {
+        eprintln!("{name} already running (pid {pid})");
         return Ok(());
     }
-    std::fs::create_dir_all("/var/log/weir")?;
-    let log_path = PathBuf::from("/var/log/weir").join(format!("{NODE}.agent.log"));
+    std::fs::create_dir_all(LOG_DIR)?;
+    std::fs::create_dir_all(RUN_DIR)?;
+    let log_path = Path::new(LOG_DIR).join(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let child = Command::new(agent)
-        .args([
-            "--node-name",
-            NODE,
-            "--netns",
-            &format!("/run/netns/{NODE}"),
-            "--node-ip",
-            NODE_IP,
-        ])
-        .args(["--pod-cidr", POD_CIDR])
-        .arg("--containerd-socket")
-        .arg(socket())
-        .arg("--manifest-dir")
-        .arg(manifests())
-        .arg("--image-dir")
-        .arg(image_dir)
+    let child = cmd
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .context("start weir-agent")?;
-    std::fs::write(&pidfile, child.id().to_string())?;
+        .with_context(|| format!("start {name}"))?;
+    std::fs::write(pidfile(name), child.id().to_string())?;
     eprintln!(
-        "weir-agent started (pid {}, log {})",
+        "{name} started (pid {}, log {})",
         child.id(),
         log_path.display()
     );
     Ok(())
 }
 
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let (code, body) =
-        weir_tests::http_get(addr.parse().ok()?, path, Duration::from_secs(5)).ok()?;
-    (code == 200).then_some(body)
+fn start_control(bin: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(CONTROL_STORE)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--listen")
+        .arg(format!("0.0.0.0:{CONTROL_PORT}"))
+        .arg("--store")
+        .arg(Path::new(CONTROL_STORE).join("weir.redb"));
+    daemon("weir-control", cmd)?;
+    weir_tests::wait_for("weir-control answering", Duration::from_secs(30), || {
+        weirctl(&["get", "namespaces"]).ok()
+    })?;
+    Ok(())
 }
 
-fn pods() -> Vec<serde_json::Value> {
-    http_get(&format!("{NODE_IP}:10250"), "/api/v1/pods")
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["items"].as_array().cloned())
-        .unwrap_or_default()
+fn start_agent(bin: &Path, i: usize, image_dir: &Path) -> anyhow::Result<()> {
+    let (name, node_ip) = node(i);
+    let mut cmd = Command::new(bin);
+    cmd.args(["--node-name", &name])
+        .args(["--netns", &format!("/run/netns/{name}")])
+        .args(["--node-ip", &node_ip])
+        .args(["--control", &control_url()])
+        .arg("--containerd-socket")
+        .arg(socket())
+        .arg("--image-dir")
+        .arg(image_dir);
+    daemon(&format!("{name}.agent"), cmd)
 }
 
-/// Brings up the node and runs the examples through it.
+/// Routes from the host to each node's pod CIDR (as the control assigned
+/// them), so the host can reach every pod.
+fn host_routes(nodes: &[Value]) -> anyhow::Result<()> {
+    for n in nodes {
+        let cidr = n["spec"]["podCIDR"].as_str().unwrap_or_default();
+        let via = n["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["type"] == "InternalIP")
+            .and_then(|a| a["address"].as_str())
+            .unwrap_or_default();
+        if cidr.is_empty() || via.is_empty() {
+            bail!(
+                "node {} has no pod CIDR or address yet",
+                n["metadata"]["name"]
+            );
+        }
+        ip(&["route", "replace", cidr, "via", via])?;
+    }
+    Ok(())
+}
+
+fn ready(node: &Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// Brings up the cluster and runs the examples through it.
 pub fn up() -> anyhow::Result<()> {
     crate::setup::setup()?;
     let root = workspace_root();
-    crate::cargo(&["build", "-p", "weir-agent"])?;
+    crate::cargo(&["build", "-p", "weir-agent", "-p", "weir-control"])?;
     let image_dir = crate::image::default_out_dir();
     crate::image::build_busybox_image(&image_dir)?;
     start_containerd()?;
-    node_network()?;
-    std::fs::create_dir_all(manifests())?;
-    start_agent(&root.join("target/debug/weir-agent"), &image_dir)?;
-    weir_tests::wait_for("weir-agent API", Duration::from_secs(30), || {
-        http_get(&format!("{NODE_IP}:10250"), "/healthz")
-    })?;
-    let mut examples: Vec<PathBuf> = std::fs::read_dir(root.join("examples"))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    examples.sort();
-    for e in &examples {
-        let name = e.file_name().context("example file name")?;
-        std::fs::copy(e, manifests().join(name))?;
-        eprintln!("applied {}", e.display());
+    node_networks()?;
+    start_control(&root.join("target/debug/weir-control"))?;
+    for i in 1..=NODES {
+        start_agent(&root.join("target/debug/weir-agent"), i, &image_dir)?;
     }
-    let running = weir_tests::wait_for("example pods Running", Duration::from_secs(90), || {
-        let p = pods();
-        let all = !p.is_empty() && p.iter().all(|p| p["status"]["phase"] == "Running");
-        (all && p.len() >= examples.len()).then_some(p)
+    let nodes = weir_tests::wait_for("3 nodes Ready", Duration::from_mins(1), || {
+        let nodes = items(&["nodes"]);
+        (nodes.len() == NODES && nodes.iter().all(ready)).then_some(nodes)
     })?;
-    demo(&running)?;
-    let metrics = http_get(&format!("{NODE_IP}:10250"), "/metrics").unwrap_or_default();
-    println!("\nTraffic counted in eBPF (http://{NODE_IP}:10250/metrics):");
-    for l in metrics
-        .lines()
-        .filter(|l| l.starts_with("weir_pod_network_receive_bytes_total{"))
-    {
-        println!("  {l}");
-    }
+    host_routes(&nodes)?;
+    println!("{}", weirctl(&["get", "nodes", "-o", "wide"])?);
+    print!(
+        "{}",
+        weirctl(&["apply", "-f", &root.join("examples").to_string_lossy()])?
+    );
+    let pods = weir_tests::wait_for("example pods Running", Duration::from_mins(2), || {
+        let pods = items(&["pods"]);
+        let running = pods
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && !p["status"]["podIP"].is_null())
+            .count();
+        (running >= 7 && running == pods.len()).then_some(pods)
+    })?;
+    println!("\n{}", weirctl(&["get", "pods", "-o", "wide"])?);
+    demo(&pods)?;
     println!(
-        "\nweir is up. Pod manifests: {} (add, change or remove files)\nAPI: http://{NODE_IP}:10250/api/v1/pods  logs: /var/log/weir/{NODE}.agent.log\nTear down: cargo xtask down",
-        manifests().display()
+        "\nweir is up: weir-control at {url} (WEIR_SERVER={url} weirctl get all), agents on {NODES} nodes.\nLogs: {LOG_DIR}/. Tear down: cargo xtask down",
+        url = control_url()
     );
     Ok(())
 }
 
-/// Shows the pods and HTTP from the host to each pod and between pods.
-fn demo(running: &[serde_json::Value]) -> anyhow::Result<()> {
-    println!("\nPods on {NODE}:");
-    println!("{:<12} {:<10} {:<14} RESTARTS", "NAME", "STATUS", "IP");
-    let mut webs = Vec::new();
-    for p in running {
-        let name = p["metadata"]["name"].as_str().unwrap_or("");
-        let ip = p["status"]["podIP"].as_str().unwrap_or("");
-        let restarts = p["status"]["containerStatuses"][0]["restartCount"]
-            .as_i64()
-            .unwrap_or(0);
-        println!(
-            "{name:<12} {:<10} {ip:<14} {restarts}",
-            p["status"]["phase"].as_str().unwrap_or("")
-        );
-        let port = p["spec"]["containers"][0]["ports"][0]["containerPort"].as_i64();
-        if let Some(port) = port {
-            webs.push((
-                name.to_owned(),
-                ip.to_owned(),
-                port,
-                p["metadata"]["uid"].as_str().unwrap_or("").to_owned(),
-            ));
-        }
+/// HTTP from the client pod to every web pod, across nodes.
+fn demo(pods: &[Value]) -> anyhow::Result<()> {
+    let client = pods
+        .iter()
+        .find(|p| p["metadata"]["name"] == "client")
+        .context("the client pod from examples/client.yaml")?;
+    let client_node = client["spec"]["nodeName"].as_str().unwrap_or_default();
+    let netns = format!(
+        "--net=/run/weir/netns/{client_node}/{}",
+        client["metadata"]["uid"].as_str().unwrap_or_default()
+    );
+    let mut nodes_used = std::collections::BTreeSet::new();
+    println!("client (on {client_node}) -> each web pod over HTTP:");
+    for p in pods
+        .iter()
+        .filter(|p| p["metadata"]["labels"]["app"] == "web")
+    {
+        let pod_ip = p["status"]["podIP"].as_str().unwrap_or_default();
+        let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
+        nodes_used.insert(node.to_owned());
+        let url = format!("http://{pod_ip}:8080/");
+        let body =
+            weir_tests::wait_for(&format!("{url} answering"), Duration::from_secs(20), || {
+                let out = Command::new("nsenter")
+                    .args([netns.as_str(), "busybox", "wget", "-qO-", &url])
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            })?;
+        println!("  -> {pod_ip:<12} on {node:<12} {body}");
     }
-    println!();
-    for (name, ip, port, _) in &webs {
-        let body = weir_tests::wait_for(
-            &format!("{name} answering the host"),
-            Duration::from_secs(20),
-            || http_get(&format!("{ip}:{port}"), "/"),
-        )?;
-        println!("host -> {name} ({ip}:{port}): {}", body.trim());
-    }
-    for (from, _, _, uid) in &webs {
-        for (to, ip, port, _) in &webs {
-            if from == to {
-                continue;
-            }
-            let netns = format!("--net=/run/weir/netns/{NODE}/{uid}");
-            let out = Command::new("nsenter")
-                .args([
-                    netns.as_str(),
-                    "busybox",
-                    "wget",
-                    "-qO-",
-                    &format!("http://{ip}:{port}/"),
-                ])
-                .output()
-                .context("nsenter")?;
-            if !out.status.success() {
-                bail!(
-                    "{from} -> {to}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            println!(
-                "{from} -> {to} ({ip}:{port}): {}",
-                String::from_utf8_lossy(&out.stdout).trim()
-            );
-        }
-    }
+    println!(
+        "web pods spread over {} nodes: {}",
+        nodes_used.len(),
+        nodes_used.into_iter().collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }
 
-/// Stops the node: pods removed through the agent, then the agent,
-/// containerd, namespaces, bridge and routes.
-pub fn down() -> anyhow::Result<()> {
-    if let Ok(entries) = std::fs::read_dir(manifests()) {
-        for e in entries.flatten() {
-            std::fs::remove_file(e.path())?;
+/// Stops the cluster: the examples deleted through weirctl (so the agents
+/// remove their pods), then the agents, weir-control, containerd,
+/// namespaces, bridge, routes and state.
+pub fn down() {
+    let root = workspace_root();
+    if pid_alive(&pidfile("weir-control")).is_some() {
+        if let Err(e) = weirctl(&[
+            "delete",
+            "-f",
+            &root.join("examples").to_string_lossy(),
+            "--grace-period",
+            "1",
+        ]) {
+            eprintln!("warning: {e}");
         }
-    }
-    let agent_pid = PathBuf::from("/run/weir").join(format!("{NODE}.agent.pid"));
-    if let Some(pid) = pid_alive(&agent_pid) {
         let gone = weir_tests::wait_for("pods removed", Duration::from_mins(1), || {
-            pods().is_empty().then_some(())
+            weirctl(&["get", "pods", "-A", "-o", "name"])
+                .ok()
+                .filter(|out| out.trim().is_empty())
         });
         if let Err(e) = gone {
             eprintln!("warning: {e}");
         }
-        quiet("kill", &[&pid.to_string()]);
-        let _ = std::fs::remove_file(&agent_pid);
     }
+    for i in 1..=NODES {
+        stop(&format!("{}.agent", node(i).0));
+    }
+    stop("weir-control");
     let cd_pid = Path::new(CONTAINERD_DIR).join("containerd.pid");
     if let Some(pid) = pid_alive(&cd_pid) {
         quiet("kill", &[&pid.to_string()]);
         let _ = std::fs::remove_file(&cd_pid);
     }
-    quiet("ip", &["route", "del", POD_CIDR]);
-    quiet("ip", &["netns", "del", NODE]);
+    for i in 1..=NODES {
+        let (name, _) = node(i);
+        quiet("ip", &["route", "del", &format!("10.244.{i}.0/24")]);
+        quiet("ip", &["netns", "del", &name]);
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/weir/{name}"));
+        let netns_dir = format!("/run/weir/netns/{name}");
+        quiet("umount", &["-l", &netns_dir]);
+        let _ = std::fs::remove_dir(&netns_dir);
+        let _ = std::fs::remove_dir_all(format!("/run/weir/{name}"));
+        let _ = std::fs::remove_dir_all(format!("/var/lib/weir/{name}"));
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(hierarchy.path().join(format!("weir-{name}")));
+        }
+    }
     quiet("ip", &["link", "del", BRIDGE]);
     for cidr in GUARDED {
         quiet("ip", &["route", "del", "unreachable", cidr]);
     }
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/weir/{NODE}"));
-    let netns_dir = format!("/run/weir/netns/{NODE}");
-    quiet("umount", &["-l", &netns_dir]);
-    let _ = std::fs::remove_dir(&netns_dir);
-    let _ = std::fs::remove_dir_all(format!("/run/weir/{NODE}"));
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = std::fs::remove_dir(hierarchy.path().join(format!("weir-{NODE}")));
-    }
+    let _ = std::fs::remove_dir_all(CONTROL_STORE);
     eprintln!("weir is down");
-    Ok(())
+}
+
+/// Kills the process in `name`'s pidfile and waits for it to go.
+fn stop(name: &str) {
+    let file = pidfile(name);
+    if let Some(pid) = pid_alive(&file) {
+        quiet("kill", &[&pid.to_string()]);
+        let _ = weir_tests::wait_for(&format!("{name} stopped"), Duration::from_secs(10), || {
+            pid_alive(&file).is_none().then_some(())
+        });
+    }
+    let _ = std::fs::remove_file(&file);
 }

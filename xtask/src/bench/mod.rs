@@ -4,6 +4,7 @@
 //! `BENCH {json}` on stdout (figures, baseline, ratio, target, `target_met`).
 //! docs/benchmarks.md records the results.
 
+mod api;
 mod baseline;
 mod density;
 mod env;
@@ -62,6 +63,11 @@ enum Which {
         #[arg(long, default_value_t = 600)]
         limit_secs: u64,
     },
+    /// weir-control's API latency (Apply, Get, List) with 10k pods stored
+    /// under 20 writes/s of churn, redb and etcd, against the Kubernetes SLO.
+    Api,
+    /// weir-control's RSS with 3 nodes and 100 pods, against k3s's server.
+    ControlRss,
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -79,6 +85,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         } => {
             return scheduler::run(*nodes, pods, stores, Duration::from_secs(*limit_secs));
         }
+        Which::Api | Which::ControlRss => return run_control(&args.bench),
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -98,8 +105,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Which::Density { pods, idle_secs } => {
             density::run(&agent, &image, pods, Duration::from_secs(idle_secs))
         }
-        Which::Scheduler { .. } => {
-            anyhow::bail!("internal: the scheduler bench is dispatched above")
+        Which::Scheduler { .. } | Which::Api | Which::ControlRss => {
+            anyhow::bail!("internal: control benches are dispatched above")
+        }
+    }
+}
+
+/// Benchmarks of weir-control (release build), no node needed.
+fn run_control(which: &Which) -> anyhow::Result<()> {
+    crate::setup::setup()?;
+    crate::cargo(&["build", "--release", "-p", "weir-control"])?;
+    let control = crate::workspace_root().join("target/release/weir-control");
+    match which {
+        Which::Api => api::run(&control),
+        Which::ControlRss => api::run_rss(&control),
+        Which::PodStart { .. } | Which::Density { .. } | Which::Scheduler { .. } => {
+            anyhow::bail!("internal: not a weir-control bench")
         }
     }
 }
