@@ -124,11 +124,15 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("start tokio runtime")?
-        .block_on(run(args))
+        .context("start tokio runtime")?;
+    let result = runtime.block_on(run(args));
+    // Don't wait on anything still blocked (e.g. a store call): serve has
+    // already stopped everything that writes.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -175,35 +179,63 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
             }
         })
     });
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    let (close, closed) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(api::service_from(Arc::clone(&api)))
+            .add_service(nodes::service(Arc::clone(&api), args.nodes()))
+            .serve_with_shutdown(listen, async {
+                let _ = closed.await;
+            }),
+    );
+    let early_exit = tokio::select! {
+        () = signalled() => None,
+        exited = &mut server => Some(exited),
+    };
+    // Stop everything that acts on the cluster first, while agents can
+    // still reach us: a node controller outliving the server would see the
+    // heartbeats stop and evict every pod.
+    stop.send_replace(true);
+    for (what, task) in [("scheduler", scheduler), ("controllers", controllers)] {
+        if let Some(task) = task
+            && tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("{what} did not stop within 5s");
+        }
+    }
+    let outcome = if let Some(exited) = early_exit {
+        exited
+    } else {
+        let _ = close.send(());
+        // Agents' WatchNode streams never end by themselves: give requests
+        // in flight a moment, then go.
+        if let Ok(exited) = tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+            exited
+        } else {
+            server.abort();
+            tracing::info!("closed the agents' streams");
+            Ok(Ok(()))
         }
     };
-    let served = tonic::transport::Server::builder()
-        .add_service(api::service_from(Arc::clone(&api)))
-        .add_service(nodes::service(Arc::clone(&api), args.nodes()))
-        .serve_with_shutdown(listen, shutdown)
-        .await
-        .with_context(|| format!("serve on {listen}"));
-    // Background work stops within a bound once the server has.
-    stop.send_replace(true);
-    if let Some(scheduler) = scheduler
-        && tokio::time::timeout(Duration::from_secs(5), scheduler)
-            .await
-            .is_err()
-    {
-        tracing::warn!("scheduler did not stop within 5s");
+    outcome
+        .context("server task")?
+        .with_context(|| format!("serve on {listen}"))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn signalled() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        } => {}
     }
-    if let Some(controllers) = controllers
-        && tokio::time::timeout(Duration::from_secs(5), controllers)
-            .await
-            .is_err()
-    {
-        tracing::warn!("controllers did not stop within 5s");
-    }
-    served
 }
