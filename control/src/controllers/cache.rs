@@ -5,8 +5,11 @@
 //!
 //! Controllers also write their own successful writes through the cache
 //! ([`Cache::observe`], [`Cache::observe_deleted`]) so that the next
-//! reconcile sees them before the watch delivers them; entries only move
-//! forward in resource version, so a late watch event never undoes one.
+//! reconcile sees them before the watch delivers them (what client-go's
+//! "expectations" are for); entries only move forward in resource version,
+//! so a late watch event never undoes one, and a write-through the watch
+//! has already passed is dropped, so a late one never resurrects an object
+//! the watch saw deleted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -84,6 +87,9 @@ struct Inner<K> {
     objects: BTreeMap<String, Entry<K>>,
     /// Keys deleted at a revision, so older events can't resurrect them.
     tombstones: HashMap<String, u64>,
+    /// The revision the List and Watch have brought the cache to: every
+    /// change of the kind up to it is in `objects`.
+    watched: u64,
     /// index name → value → keys.
     indexes: HashMap<&'static str, HashMap<String, BTreeSet<String>>>,
 }
@@ -116,6 +122,7 @@ impl<K: Object> Cache<K> {
             inner: RwLock::new(Inner {
                 objects: BTreeMap::new(),
                 tombstones: HashMap::new(),
+                watched: 0,
                 indexes: HashMap::new(),
             }),
             indexers,
@@ -191,23 +198,54 @@ impl<K: Object> Cache<K> {
         let _ = rx.wait_for(|synced| *synced).await;
     }
 
-    /// Records an object the API returned (a watch event or our own write),
-    /// unless the cache already has it at this or a later revision.
+    /// Records an object the API returned for our own write, unless the
+    /// cache already has it at this or a later revision, or the watch has
+    /// passed that revision (then the cache holds what followed it).
     pub fn observe(&self, object: &v1::Object) {
         match decode::<K>(object) {
-            Ok((revision, typed)) => self.upsert(revision, typed),
+            Ok((revision, typed)) => self.upsert(revision, typed, false),
             Err(e) => tracing::warn!(kind = self.kind.name(), error = %e, "cache: skip object"),
         }
     }
 
-    /// Records that the object at `key` was deleted at `revision`.
+    /// Records that our own delete removed the object at `key`, last
+    /// written at `revision` (same rules as [`Cache::observe`]).
     pub fn observe_deleted(&self, key: &str, revision: u64) {
+        self.remove(key, revision, false);
+    }
+
+    /// Records a watch event (an object, or a deletion if `deleted`) and
+    /// that the watch has reached `revision`.
+    fn watched(&self, object: &v1::Object, deleted: bool, revision: u64) {
+        if deleted {
+            let key = object
+                .meta
+                .as_ref()
+                .map(meta::proto_key)
+                .unwrap_or_default();
+            self.remove(&key, revision, true);
+        } else {
+            match decode::<K>(object) {
+                Ok((revision, typed)) => self.upsert(revision, typed, true),
+                Err(e) => tracing::warn!(kind = self.kind.name(), error = %e, "cache: skip object"),
+            }
+        }
+        let mut inner = self.write();
+        inner.watched = inner.watched.max(revision);
+        // Every later event is newer than these tombstones.
+        if !inner.tombstones.is_empty() {
+            inner.tombstones.retain(|_, &mut t| t > revision);
+        }
+    }
+
+    fn remove(&self, key: &str, revision: u64, from_watch: bool) {
         let removed = {
             let mut inner = self.write();
-            if inner
-                .objects
-                .get(key)
-                .is_some_and(|e| e.revision > revision)
+            if (!from_watch && revision <= inner.watched)
+                || inner
+                    .objects
+                    .get(key)
+                    .is_some_and(|e| e.revision > revision)
             {
                 return;
             }
@@ -223,12 +261,14 @@ impl<K: Object> Cache<K> {
         }
     }
 
-    fn upsert(&self, revision: u64, object: K) {
+    fn upsert(&self, revision: u64, object: K, from_watch: bool) {
         let key = key_of(object.metadata());
         let object = Arc::new(object);
         let old = {
             let mut inner = self.write();
-            if inner.tombstones.get(&key).is_some_and(|&t| t >= revision) {
+            if (!from_watch && revision <= inner.watched)
+                || inner.tombstones.get(&key).is_some_and(|&t| t >= revision)
+            {
                 return;
             }
             inner.tombstones.remove(&key);
@@ -280,10 +320,11 @@ impl<K: Object> Cache<K> {
         }
     }
 
-    /// Replaces the whole content with a List's result.
-    fn replace(&self, items: &[v1::Object]) {
+    /// Replaces the whole content with a List's result (read at `revision`).
+    fn replace(&self, items: &[v1::Object], revision: u64) {
         {
             let mut inner = self.write();
+            inner.watched = revision;
             inner.objects.clear();
             inner.tombstones.clear();
             inner.indexes.clear();
@@ -303,14 +344,6 @@ impl<K: Object> Cache<K> {
         }
         self.synced.send_replace(true);
         let _ = self.changes.send(Change::Resync);
-    }
-
-    /// Drops tombstones the watch has passed: every later event is newer.
-    fn prune_tombstones(&self, revision: u64) {
-        let mut inner = self.write();
-        if !inner.tombstones.is_empty() {
-            inner.tombstones.retain(|_, &mut t| t > revision);
-        }
     }
 
     /// Lists and watches the kind until `shutdown` turns true, re-listing
@@ -350,7 +383,7 @@ impl<K: Object> Cache<K> {
                 return;
             }
         };
-        self.replace(&list.items);
+        self.replace(&list.items, list.revision);
         let stream = api
             .watch(&v1::WatchRequest {
                 kind: kind.to_owned(),
@@ -377,17 +410,12 @@ impl<K: Object> Cache<K> {
             match v1::EventType::try_from(event.r#type) {
                 Ok(v1::EventType::Added | v1::EventType::Modified) => {
                     if let Some(object) = &event.object {
-                        self.observe(object);
+                        self.watched(object, false, event.revision);
                     }
                 }
                 Ok(v1::EventType::Deleted) => {
                     if let Some(object) = &event.object {
-                        let key = object
-                            .meta
-                            .as_ref()
-                            .map(meta::proto_key)
-                            .unwrap_or_default();
-                        self.observe_deleted(&key, event.revision);
+                        self.watched(object, true, event.revision);
                     }
                 }
                 Ok(v1::EventType::Error) => {
@@ -396,7 +424,6 @@ impl<K: Object> Cache<K> {
                 }
                 _ => {}
             }
-            self.prune_tombstones(event.revision);
         }
     }
 }
@@ -482,5 +509,25 @@ mod tests {
             cache.get("default/a").is_some(),
             "a newer create must be seen"
         );
+    }
+
+    #[test]
+    fn a_late_write_through_never_resurrects_what_the_watch_deleted() {
+        let cache = pods();
+        cache.watched(&pod_object("a", 5, "n1", "u1"), false, 5);
+        // The watch sees a delete at 7 and moves on to 9 (pruning tombstones).
+        cache.watched(&pod_object("a", 7, "n1", "u1"), true, 7);
+        cache.watched(&pod_object("b", 9, "n1", "u1"), false, 9);
+        // Our own write's response (revision 6) arrives only now.
+        cache.observe(&pod_object("a", 6, "n1", "u1"));
+        assert!(cache.get("default/a").is_none(), "resurrected");
+        cache.observe_deleted("default/b", 8);
+        assert!(
+            cache.get("default/b").is_some(),
+            "deleted by a stale delete"
+        );
+        // A write-through ahead of the watch is seen at once.
+        cache.observe(&pod_object("c", 10, "n1", "u1"));
+        assert!(cache.get("default/c").is_some());
     }
 }

@@ -1,6 +1,13 @@
-//! The controllers' narrow view of [`ObjectsApi`]: typed apply, status
-//! update, delete and events, each writing its result through to the
-//! matching cache so the next reconcile sees it at once.
+//! The controllers' narrow view of [`ObjectsApi`]: typed create,
+//! read-modify-write update, status update, delete and events, each
+//! writing its result through to the matching cache so the next reconcile
+//! sees it at once.
+//!
+//! Updates and status writes of cached objects are compare-and-swap on the
+//! resourceVersion the cache had; on a conflict (someone else wrote the
+//! object since) the object is read again from the API, the change is
+//! recomputed from that state and retried, so a controller never
+//! overwrites a change it has not seen.
 
 use std::sync::Arc;
 
@@ -41,6 +48,17 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An object the API returned could not be decoded.
+    #[error("decode {kind} {key}: {source}")]
+    Decode {
+        /// The kind.
+        kind: &'static str,
+        /// Its key.
+        key: String,
+        /// The deserialiser's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The object's spec cannot be acted on.
     #[error("{kind} {key}: {field}: {reason}")]
     Spec {
@@ -67,6 +85,9 @@ pub enum Error {
     },
 }
 
+/// How often a compare-and-swap write is retried after a conflict.
+const CONFLICT_ATTEMPTS: usize = 5;
+
 /// A typed API client for the controllers.
 pub(crate) struct Client<S> {
     api: Arc<ObjectsApi<S>>,
@@ -77,16 +98,21 @@ impl<S: Store> Client<S> {
         Self { api }
     }
 
+    /// The API the client writes through.
+    #[cfg(test)]
+    pub(crate) fn api(&self) -> &Arc<ObjectsApi<S>> {
+        &self.api
+    }
+
     /// Applies `object` (metadata and spec; its `resourceVersion`, if any,
-    /// is sent along for the API's optimistic concurrency) and records the
-    /// stored result in `cache`.
+    /// makes it compare-and-swap) and records the stored result in `cache`.
     pub(crate) async fn apply<K: Object + Serialize>(
         &self,
         cache: &Cache<K>,
         action: &'static str,
         object: &K,
         manager: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<K>, Error> {
         let kind = cache.kind().name();
         let key = super::cache::key_of(object.metadata());
         let manifest_json = serde_json::to_string(object).map_err(|source| Error::Encode {
@@ -104,47 +130,131 @@ impl<S: Store> Client<S> {
             .map_err(|source| Error::Api {
                 action,
                 kind,
-                key,
+                key: key.clone(),
                 source,
             })?;
-        if let Some(stored) = &response.object {
-            cache.observe(stored);
-        }
-        Ok(())
+        let stored = response.object.ok_or_else(|| Error::Api {
+            action,
+            kind,
+            key: key.clone(),
+            source: ApiError::Internal("apply returned no object".to_owned()),
+        })?;
+        cache.observe(&stored);
+        decode(cache.kind(), &key, &stored)
     }
 
-    /// Replaces the status of `object` (compare-and-swap on
-    /// `resource_version` if non-zero) and records the result.
-    pub(crate) async fn update_status<K: Object, T: Serialize>(
+    /// Read-modify-write of a cached object: `mutate` changes a copy of
+    /// `current` (returning `false` if nothing needs changing, then nothing
+    /// is written), which is applied with the `resourceVersion` it was read
+    /// at; on a conflict the object is read again and `mutate` retried on
+    /// that. Returns the object as stored (or as read, if unchanged).
+    pub(crate) async fn update<K, F>(
+        &self,
+        cache: &Cache<K>,
+        action: &'static str,
+        current: &K,
+        manager: &str,
+        mut mutate: F,
+    ) -> Result<Arc<K>, Error>
+    where
+        K: Object + Serialize + Clone,
+        F: FnMut(&mut K) -> bool,
+    {
+        let mut current = Arc::new(current.clone());
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let mut changed = (*current).clone();
+            if !mutate(&mut changed) {
+                return Ok(current);
+            }
+            match self.apply(cache, action, &changed, manager).await {
+                Err(Error::Api {
+                    source: ApiError::Conflict { .. },
+                    ..
+                }) => current = self.reread(cache, current.metadata()).await?,
+                result => return result,
+            }
+        }
+        Err(conflict(cache.kind(), action, current.metadata()))
+    }
+
+    /// Reads an object from the API (not the cache, which may lag) and
+    /// records it in `cache`.
+    pub(crate) async fn reread<K: Object>(
         &self,
         cache: &Cache<K>,
         object: &ObjectMeta,
-        status: &T,
-        resource_version: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<K>, Error> {
         let kind = cache.kind();
         let key = super::cache::key_of(object);
-        let status_json = serde_json::to_string(status).map_err(|source| Error::Encode {
-            kind: kind.name(),
-            key: key.clone(),
-            source,
-        })?;
         let stored = self
             .api
-            .update_status(&v1::UpdateStatusRequest {
-                r#ref: Some(object_ref(kind, object)),
-                status_json,
-                resource_version,
-            })
+            .get(&object_ref(kind, object))
             .await
             .map_err(|source| Error::Api {
-                action: "update status of",
+                action: "get",
                 kind: kind.name(),
-                key,
+                key: key.clone(),
                 source,
             })?;
         cache.observe(&stored);
-        Ok(())
+        decode(kind, &key, &stored)
+    }
+
+    /// Replaces the status of a cached object with what `status` computes
+    /// from it (`None`: nothing to write), compare-and-swap on the
+    /// `resourceVersion` it was read at; on a conflict the object is read
+    /// again and its status recomputed. Records the result in `cache`.
+    pub(crate) async fn update_status<K, T, F>(
+        &self,
+        cache: &Cache<K>,
+        current: &Arc<K>,
+        mut status: F,
+    ) -> Result<(), Error>
+    where
+        K: Object,
+        T: Serialize,
+        F: FnMut(&K) -> Option<T>,
+    {
+        let kind = cache.kind();
+        let mut current = Arc::clone(current);
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let Some(wanted) = status(&current) else {
+                return Ok(());
+            };
+            let object = current.metadata();
+            let key = super::cache::key_of(object);
+            let status_json = serde_json::to_string(&wanted).map_err(|source| Error::Encode {
+                kind: kind.name(),
+                key: key.clone(),
+                source,
+            })?;
+            let result = self
+                .api
+                .update_status(&v1::UpdateStatusRequest {
+                    r#ref: Some(object_ref(kind, object)),
+                    status_json,
+                    resource_version: meta::resource_version(object),
+                })
+                .await;
+            match result {
+                Ok(stored) => {
+                    cache.observe(&stored);
+                    return Ok(());
+                }
+                Err(ApiError::Conflict { .. }) => {
+                    current = self.reread(cache, current.metadata()).await?;
+                }
+                Err(source) => {
+                    return Err(Error::Api {
+                        action: "update status of",
+                        kind: kind.name(),
+                        key,
+                        source,
+                    });
+                }
+            }
+        }
+        Err(conflict(kind, "update status of", current.metadata()))
     }
 
     /// Deletes `object` (`grace`: seconds, `Some(0)` forces; `None` uses the
@@ -167,14 +277,21 @@ impl<S: Store> Client<S> {
             .await;
         match result {
             Ok(response) => {
-                // A graceful delete keeps the object with a deletion
-                // timestamp; the watch brings that state.
-                let revision = response
-                    .object
-                    .as_ref()
-                    .and_then(|o| o.meta.as_ref())
-                    .map_or_else(|| meta::resource_version(object), |m| m.resource_version);
-                cache.observe_deleted(&key, revision);
+                match response.object {
+                    // A graceful delete (a bound pod, a foreground owner)
+                    // keeps the object with a deletion timestamp: it still
+                    // exists and must stay visible (terminating pods count
+                    // for Recreate and for a node's daemon pod).
+                    Some(last) if terminating::<K>(&last) => cache.observe(&last),
+                    Some(last) => {
+                        let revision = last
+                            .meta
+                            .as_ref()
+                            .map_or_else(|| meta::resource_version(object), |m| m.resource_version);
+                        cache.observe_deleted(&key, revision);
+                    }
+                    None => cache.observe_deleted(&key, meta::resource_version(object)),
+                }
                 Ok(())
             }
             Err(ApiError::NotFound { .. }) => {
@@ -216,6 +333,32 @@ impl<S: Store> Client<S> {
         }
     }
 
+    /// Whether the owner `object` (of `kind`) still exists in the store as
+    /// the same object (uid) and is not being deleted: read from the API,
+    /// not a cache, as Kubernetes' `RecheckDeletionTimestamp` does before a
+    /// controller adopts or creates dependents.
+    pub(crate) async fn alive(&self, kind: Kind, object: &ObjectMeta) -> Result<bool, Error> {
+        match self.api.get(&object_ref(kind, object)).await {
+            Ok(stored) => {
+                let doc: serde_json::Value =
+                    serde_json::from_str(&stored.json).map_err(|source| Error::Decode {
+                        kind: kind.name(),
+                        key: super::cache::key_of(object),
+                        source,
+                    })?;
+                let same = doc["metadata"]["uid"].as_str() == Some(meta::uid(object));
+                Ok(same && doc["metadata"]["deletionTimestamp"].is_null())
+            }
+            Err(ApiError::NotFound { .. }) => Ok(false),
+            Err(source) => Err(Error::Api {
+                action: "get",
+                kind: kind.name(),
+                key: super::cache::key_of(object),
+                source,
+            }),
+        }
+    }
+
     /// Records an event about an object of `kind`.
     pub(crate) async fn event(
         &self,
@@ -229,6 +372,35 @@ impl<S: Store> Client<S> {
         let regarding = meta::proto_meta(kind.api_version(), kind.name(), regarding);
         events::record(&self.api, &regarding, type_, reason, message, component).await;
     }
+}
+
+/// The error of a write that kept conflicting.
+fn conflict(kind: Kind, action: &'static str, object: &ObjectMeta) -> Error {
+    Error::Api {
+        action,
+        kind: kind.name(),
+        key: super::cache::key_of(object),
+        source: ApiError::Conflict {
+            plural: kind.plural(),
+            name: meta::name(object).to_owned(),
+        },
+    }
+}
+
+/// Whether an object the API returned has a deletion timestamp.
+fn terminating<K: Object>(object: &v1::Object) -> bool {
+    serde_json::from_str::<K>(&object.json).is_ok_and(|k| k.metadata().deletion_timestamp.is_some())
+}
+
+/// The typed form of an object the API returned.
+fn decode<K: Object>(kind: Kind, key: &str, object: &v1::Object) -> Result<Arc<K>, Error> {
+    serde_json::from_str(&object.json)
+        .map(Arc::new)
+        .map_err(|source| Error::Decode {
+            kind: kind.name(),
+            key: key.to_owned(),
+            source,
+        })
 }
 
 fn object_ref(kind: Kind, object: &ObjectMeta) -> v1::ObjectRef {

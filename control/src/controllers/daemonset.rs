@@ -230,15 +230,18 @@ pub struct Plan {
 /// Decides creates and deletes, rolling update included: on nodes that
 /// should run the daemon, a missing pod is created (unless one is still
 /// terminating), extra pods go, failed pods go; on nodes that must not,
-/// every pod goes. Pods from an old template are replaced while at most
-/// `max_unavailable` of the nodes lack an available daemon pod.
+/// every pod goes. With `RollingUpdate` (`max_unavailable` is `Some`), pods
+/// from an old template are replaced while at most `max_unavailable` of the
+/// nodes lack an available daemon pod; with `OnDelete` (`None`) they stay
+/// until someone deletes them, and their replacements get the new template.
 pub fn plan(
     nodes: &[NodeState],
     hash: &str,
-    max_unavailable: i32,
+    max_unavailable: Option<i32>,
     min_ready_seconds: i32,
     now: Timestamp,
 ) -> Plan {
+    let replace_old = max_unavailable.is_some();
     let mut plan = Plan::default();
     let name = |p: &Pod| meta::name(&p.metadata).to_owned();
     let failed = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed");
@@ -272,17 +275,19 @@ pub fn plan(
         running.sort_by_key(|p| p.metadata.creation_timestamp.clone());
         plan.delete.extend(running[1..].iter().map(|p| name(p)));
         let kept = running[0];
-        if !available(kept) {
-            unavailable += 1;
-            if !current(kept) {
-                // Old and not serving anyway: replace it at no cost.
-                plan.delete.push(name(kept));
+        if current(kept) || !replace_old {
+            if !available(kept) {
+                unavailable += 1;
             }
-        } else if !current(kept) {
+        } else if !available(kept) {
+            // Old and not serving anyway: replace it at no cost.
+            unavailable += 1;
+            plan.delete.push(name(kept));
+        } else {
             old_available.push(name(kept));
         }
     }
-    let budget = usize::try_from(max_unavailable - unavailable).unwrap_or(0);
+    let budget = usize::try_from(max_unavailable.unwrap_or(0) - unavailable).unwrap_or(0);
     plan.delete.extend(old_available.into_iter().take(budget));
     plan
 }
@@ -379,19 +384,13 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
         field: "spec.updateStrategy",
         reason,
     })?;
-    // OnDelete: replace nothing; only missing pods are created.
     let plan = plan(
         &nodes,
-        if max_unavailable.is_some() { &hash } else { "" },
-        max_unavailable.unwrap_or(i32::MAX),
+        &hash,
+        max_unavailable,
         ds.spec.min_ready_seconds.unwrap_or(0),
         now,
     );
-    let plan = if max_unavailable.is_none() {
-        keep_old_pods(plan, &nodes, &hash)
-    } else {
-        plan
-    };
     let doomed: Vec<Arc<Pod>> = nodes
         .iter()
         .flat_map(|n| n.pods.iter())
@@ -406,37 +405,21 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
         .collect();
     let created = pods::create_pods(ctx, &owner, new).await;
     let nodes = node_states(ctx, &ds, &template);
-    let status = status_of(&ds, &nodes, &hash, now);
-    if ds.status.as_ref() != Some(&status) {
-        ctx.client
-            .update_status(&ctx.daemonsets, &ds.metadata, &status, 0)
-            .await?;
-    }
+    let generation = ds.metadata.generation;
+    ctx.client
+        .update_status(&ctx.daemonsets, &ds, |ds: &DaemonSet| {
+            // A spec change since our read requeues us; don't claim to
+            // have observed it.
+            if ds.metadata.generation != generation {
+                return None;
+            }
+            let status = status_of(ds, &nodes, &hash, now);
+            (ds.status.as_ref() != Some(&status)).then_some(status)
+        })
+        .await?;
     deleted?;
     created?;
     Ok(Action::Done)
-}
-
-/// Under `OnDelete`, pods from an old template stay (only duplicates,
-/// failed pods and pods on ineligible nodes go).
-fn keep_old_pods(mut plan: Plan, nodes: &[NodeState], hash: &str) -> Plan {
-    let old_kept: Vec<String> = nodes
-        .iter()
-        .filter(|n| n.should_run && n.should_continue)
-        .filter_map(|n| {
-            let mut pods = n.pods.clone();
-            pods.sort_by_key(|p| p.metadata.creation_timestamp.clone());
-            let kept = pods.first()?;
-            let failed = kept.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed");
-            let old = meta::labels(&kept.metadata)
-                .get(REVISION_HASH_LABEL)
-                .map(String::as_str)
-                != Some(hash);
-            (old && !failed).then(|| meta::name(&kept.metadata).to_owned())
-        })
-        .collect();
-    plan.delete.retain(|d| !old_kept.contains(d));
-    plan
 }
 
 /// Every node with the `DaemonSet`'s pods on (or pinned to) it; pods for

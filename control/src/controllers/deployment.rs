@@ -390,11 +390,16 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
             .is_some_and(|t| meta::templates_equal(t, &d.spec.template))
     });
     let mut new = new_pos.map(|i| rss.remove(i));
-    let olds = rss;
+    // ReplicaSets being deleted (in the foreground) are left alone; their
+    // pods still count as old pods for Recreate.
+    let (terminating, olds): (Vec<_>, Vec<_>) = rss
+        .into_iter()
+        .partition(|rs| rs.metadata.deletion_timestamp.is_some());
     let rollout = Rollout {
         ctx,
         d: &d,
         params: &params,
+        terminating: &terminating,
     };
     if !params.paused {
         let max_old = olds
@@ -403,11 +408,17 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
             .max()
             .unwrap_or(0);
         new = Some(match new {
+            Some(rs) if rs.metadata.deletion_timestamp.is_some() => {
+                // The new ReplicaSet is being deleted: wait until it is
+                // gone (its removal requeues us), then make it again.
+                return rollout.sync_status().await;
+            }
             Some(rs) => rollout.ensure_revision(&rs, max_old + 1).await?,
             None => match rollout.create_new(&olds, max_old + 1).await? {
-                Some(rs) => rs,
+                NewReplicaSet::Created(rs) => rs,
                 // A hash collision bumped collisionCount: retry with it.
-                None => return Ok(Action::RequeueAfter(Duration::ZERO)),
+                NewReplicaSet::Collision => return Ok(Action::RequeueAfter(Duration::ZERO)),
+                NewReplicaSet::Wait => return rollout.sync_status().await,
             },
         });
         if let Some(new) = &new {
@@ -442,6 +453,19 @@ struct Rollout<'a, S> {
     ctx: &'a Ctx<S>,
     d: &'a Deployment,
     params: &'a Params,
+    /// Its `ReplicaSets` that are being deleted.
+    terminating: &'a [Arc<ReplicaSet>],
+}
+
+/// What [`Rollout::create_new`] did.
+enum NewReplicaSet {
+    /// Created it (or it exists).
+    Created(Arc<ReplicaSet>),
+    /// Its name is taken by a different template: `collisionCount` was bumped.
+    Collision,
+    /// Nothing to do now: its name is taken by a `ReplicaSet` being
+    /// deleted, or the Deployment went away meanwhile.
+    Wait,
 }
 
 impl<S: Store> Rollout<'_, S> {
@@ -500,26 +524,32 @@ impl<S: Store> Rollout<'_, S> {
             .await;
     }
 
-    /// Sets a `ReplicaSet`'s replicas, with a `ScalingReplicaSet` event.
+    /// Sets a `ReplicaSet`'s replicas (compare-and-swap, retried on the
+    /// stored state on conflict), with a `ScalingReplicaSet` event.
     async fn scale(&self, rs: &ReplicaSet, to: i32) -> Result<Arc<ReplicaSet>, Error> {
         let rs = self.fresh(rs);
-        let from = rs.spec.replicas.unwrap_or(1);
+        let mut from = rs.spec.replicas.unwrap_or(1);
         if from == to {
             return Ok(rs);
         }
-        let mut scaled = (*rs).clone();
-        scaled.spec.replicas = Some(to);
-        self.ctx
+        let scaled = self
+            .ctx
             .client
-            .apply(&self.ctx.replicasets, "scale", &scaled, COMPONENT)
+            .update(&self.ctx.replicasets, "scale", &rs, COMPONENT, |rs| {
+                from = rs.spec.replicas.unwrap_or(1);
+                rs.spec.replicas = Some(to);
+                from != to
+            })
             .await?;
-        let direction = if to > from { "up" } else { "down" };
-        let message = format!(
-            "Scaled {direction} replica set {} to {to}",
-            meta::name(&rs.metadata)
-        );
-        self.event("ScalingReplicaSet", &message).await;
-        Ok(self.fresh(&rs))
+        if from != to {
+            let direction = if to > from { "up" } else { "down" };
+            let message = format!(
+                "Scaled {direction} replica set {} to {to}",
+                meta::name(&rs.metadata)
+            );
+            self.event("ScalingReplicaSet", &message).await;
+        }
+        Ok(scaled)
     }
 
     /// Gives a reused (rolled-back-to) `ReplicaSet` the newest revision.
@@ -528,20 +558,23 @@ impl<S: Store> Rollout<'_, S> {
         rs: &ReplicaSet,
         revision: i64,
     ) -> Result<Arc<ReplicaSet>, Error> {
+        let rs = self.fresh(rs);
         if revision_of(&rs.metadata) >= revision {
-            return Ok(self.fresh(rs));
+            return Ok(rs);
         }
-        let mut updated = rs.clone();
-        updated
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(REVISION_ANNOTATION.to_owned(), revision.to_string());
         self.ctx
             .client
-            .apply(&self.ctx.replicasets, "annotate", &updated, COMPONENT)
-            .await?;
-        Ok(self.fresh(rs))
+            .update(&self.ctx.replicasets, "annotate", &rs, COMPONENT, |rs| {
+                if revision_of(&rs.metadata) >= revision {
+                    return false;
+                }
+                rs.metadata
+                    .annotations
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(REVISION_ANNOTATION.to_owned(), revision.to_string());
+                true
+            })
+            .await
     }
 
     /// Creates the `ReplicaSet` for the current template; `None` if its
@@ -550,30 +583,41 @@ impl<S: Store> Rollout<'_, S> {
         &self,
         olds: &[Arc<ReplicaSet>],
         revision: i64,
-    ) -> Result<Option<Arc<ReplicaSet>>, Error> {
-        let collisions = self
-            .d
-            .status
-            .as_ref()
-            .and_then(|s| s.collision_count)
-            .unwrap_or(0);
+    ) -> Result<NewReplicaSet, Error> {
+        let collisions_of = |d: &Deployment| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.collision_count)
+                .unwrap_or(0)
+        };
+        let collisions = collisions_of(self.d);
         let hash = meta::template_hash(&self.d.spec.template, collisions);
         let name = format!("{}-{hash}", meta::name(&self.d.metadata));
         let rs_key = format!("{}/{name}", meta::namespace(&self.d.metadata));
-        if self.ctx.replicasets.get(&rs_key).is_some() {
-            let mut status = self.d.status.clone().unwrap_or_default();
-            status.collision_count = Some(collisions + 1);
+        if let Some(taken) = self.ctx.replicasets.get(&rs_key) {
+            if taken.metadata.deletion_timestamp.is_some() {
+                return Ok(NewReplicaSet::Wait);
+            }
+            let d = self.latest();
             self.ctx
                 .client
-                .update_status(&self.ctx.deployments, &self.d.metadata, &status, 0)
+                .update_status(&self.ctx.deployments, &d, |d: &Deployment| {
+                    // Someone else bumped it already: nothing to do.
+                    (collisions_of(d) == collisions).then(|| {
+                        let mut status = d.status.clone().unwrap_or_default();
+                        status.collision_count = Some(collisions + 1);
+                        status
+                    })
+                })
                 .await?;
-            return Ok(None);
+            return Ok(NewReplicaSet::Collision);
         }
         let replicas = match self.params.strategy {
             Strategy::Recreate => {
                 if olds
                     .iter()
                     .any(|rs| self.any_pods(rs) || rs.spec.replicas != Some(0))
+                    || self.terminating.iter().any(|rs| self.any_pods(rs))
                 {
                     0
                 } else {
@@ -596,31 +640,61 @@ impl<S: Store> Rollout<'_, S> {
             }
         };
         let rs = new_replica_set(self.d, &hash, revision, replicas);
-        self.ctx
+        let created = self
+            .ctx
             .client
             .apply(&self.ctx.replicasets, "create", &rs, COMPONENT)
             .await?;
+        // A (foreground) delete of the Deployment may have listed its
+        // dependents before this one existed: don't let it outlive it.
+        if !self
+            .ctx
+            .client
+            .alive(Kind::Deployment, &self.d.metadata)
+            .await?
+        {
+            tracing::info!(deployment = %self.key(), rs = %name, "deployment went away while creating its replica set: deleting it");
+            self.ctx
+                .client
+                .delete(&self.ctx.replicasets, &created.metadata, None)
+                .await?;
+            return Ok(NewReplicaSet::Wait);
+        }
         if replicas > 0 {
             let message = format!("Scaled up replica set {name} to {replicas}");
             self.event("ScalingReplicaSet", &message).await;
         }
-        Ok(Some(self.fresh(&rs)))
+        Ok(NewReplicaSet::Created(self.fresh(&created)))
     }
 
-    /// Sets the Deployment's revision annotation to its new RS's.
+    /// The Deployment as cached now (after our own writes).
+    fn latest(&self) -> Arc<Deployment> {
+        self.ctx
+            .deployments
+            .get(&self.key())
+            .unwrap_or_else(|| Arc::new(self.d.clone()))
+    }
+
+    /// Sets the Deployment's revision annotation to its new RS's
+    /// (compare-and-swap: a concurrent change of the Deployment is kept).
     async fn annotate_deployment(&self, revision: i64) -> Result<(), Error> {
         if revision_of(&self.d.metadata) == revision {
             return Ok(());
         }
-        let mut d = self.d.clone();
-        d.metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(REVISION_ANNOTATION.to_owned(), revision.to_string());
         self.ctx
             .client
-            .apply(&self.ctx.deployments, "annotate", &d, COMPONENT)
+            .update(&self.ctx.deployments, "annotate", self.d, COMPONENT, |d| {
+                if revision_of(&d.metadata) == revision {
+                    return false;
+                }
+                d.metadata
+                    .annotations
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(REVISION_ANNOTATION.to_owned(), revision.to_string());
+                true
+            })
             .await
+            .map(drop)
     }
 
     async fn recreate(&self, new: &ReplicaSet, olds: &[Arc<ReplicaSet>]) -> Result<(), Error> {
@@ -631,7 +705,13 @@ impl<S: Store> Rollout<'_, S> {
                 scaled_down = true;
             }
         }
-        if scaled_down || olds.iter().any(|rs| self.any_pods(rs)) {
+        // Kubernetes waits until no old pod exists, terminating ones
+        // included, so old and new pods never run side by side.
+        let old_pods = olds
+            .iter()
+            .chain(self.terminating)
+            .any(|rs| self.any_pods(rs));
+        if scaled_down || old_pods {
             return Ok(());
         }
         self.scale(new, self.params.replicas).await.map(drop)
@@ -681,7 +761,9 @@ impl<S: Store> Rollout<'_, S> {
         Ok(())
     }
 
-    /// Writes the status computed from the `ReplicaSets` if it changed.
+    /// Writes the status computed from the `ReplicaSets` if it changed
+    /// (compare-and-swap on the cached Deployment, recomputed on conflict;
+    /// skipped if the spec changed meanwhile, whose change requeues us).
     async fn sync_status(&self) -> Result<Action, Error> {
         let mut rss = self
             .ctx
@@ -689,24 +771,26 @@ impl<S: Store> Rollout<'_, S> {
             .by_index(BY_OWNER, meta::uid(&self.d.metadata));
         rss.sort_by_key(|rs| std::cmp::Reverse(revision_of(&rs.metadata)));
         let new = rss.iter().find(|rs| {
-            rs.spec
-                .template
-                .as_ref()
-                .is_some_and(|t| meta::templates_equal(t, &self.d.spec.template))
+            rs.metadata.deletion_timestamp.is_none()
+                && rs
+                    .spec
+                    .template
+                    .as_ref()
+                    .is_some_and(|t| meta::templates_equal(t, &self.d.spec.template))
         });
-        let d = self
-            .ctx
-            .deployments
-            .get(&self.key())
-            .unwrap_or_else(|| Arc::new(self.d.clone()));
-        let (status, recheck) =
-            status_of(&d, self.params, new.map(AsRef::as_ref), &rss, meta::now());
-        if d.status.as_ref() != Some(&status) {
-            self.ctx
-                .client
-                .update_status(&self.ctx.deployments, &d.metadata, &status, 0)
-                .await?;
-        }
+        let now = meta::now();
+        let mut recheck = None;
+        self.ctx
+            .client
+            .update_status(&self.ctx.deployments, &self.latest(), |d: &Deployment| {
+                if d.metadata.generation != self.d.metadata.generation {
+                    return None;
+                }
+                let (status, after) = status_of(d, self.params, new.map(AsRef::as_ref), &rss, now);
+                recheck = after;
+                (d.status.as_ref() != Some(&status)).then_some(status)
+            })
+            .await?;
         Ok(Action::after(recheck))
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use tokio::sync::watch;
@@ -254,37 +254,78 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, name: &str) -> Result<Action, Error> 
         return delete_orphans(ctx, name).await;
     };
     let now = meta::now();
-    let verdict = verdict(&node, ctx.config.node_monitor_grace_period, now);
-    if verdict.mark_unknown {
+    let grace = ctx.config.node_monitor_grace_period;
+    let first = verdict(&node, grace, now);
+    if first.mark_unknown {
         mark_unknown(ctx, &node, now).await?;
     }
     let node = ctx.nodes.get(name).unwrap_or(node);
-    let taints = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    let desired = verdict
-        .ready
-        .as_deref()
-        .and_then(|ready| desired_taints(&taints, ready, now));
-    if let Some(taints) = desired {
-        let mut tainted = (*node).clone();
-        tainted.spec.get_or_insert_with(Default::default).taints =
-            (!taints.is_empty()).then_some(taints);
-        tracing::info!(node = name, ready = ?verdict.ready, "node-controller: updating taints");
-        ctx.client
-            .apply(&ctx.nodes, "taint", &tainted, COMPONENT)
-            .await?;
-    }
-    let node = ctx.nodes.get(name).unwrap_or(node);
+    // Compare-and-swap on the node as read; on a conflict (a heartbeat, a
+    // cordon) the taints are recomputed from the node as stored.
+    let node = ctx
+        .client
+        .update(&ctx.nodes, "taint", &node, COMPONENT, |node| {
+            let Some(ready) = verdict(node, grace, now).ready else {
+                return false;
+            };
+            let taints = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default();
+            let Some(taints) = desired_taints(&taints, &ready, now) else {
+                return false;
+            };
+            tracing::info!(node = name, ready, "node-controller: updating taints");
+            node.spec.get_or_insert_with(Default::default).taints =
+                (!taints.is_empty()).then_some(taints);
+            true
+        })
+        .await?;
     let evict_after = evict(ctx, &node, now).await?;
-    Ok(Action::after(verdict.recheck).min(Action::after(evict_after)))
+    Ok(Action::after(first.recheck).min(Action::after(evict_after)))
 }
 
 /// Writes `Ready=Unknown` (heartbeat kept), compare-and-swap so a fresh
-/// heartbeat wins, and records `NodeNotReady`.
-async fn mark_unknown<S: Store>(ctx: &Ctx<S>, node: &Node, now: Timestamp) -> Result<(), Error> {
+/// heartbeat wins (the verdict is taken again on the node as stored), and
+/// records `NodeNotReady`.
+async fn mark_unknown<S: Store>(
+    ctx: &Ctx<S>,
+    node: &Arc<Node>,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let grace = ctx.config.node_monitor_grace_period;
+    let mut marked = false;
+    ctx.client
+        .update_status(&ctx.nodes, node, |node: &Node| {
+            marked = verdict(node, grace, now).mark_unknown;
+            marked.then(|| unknown_status(node, now))
+        })
+        .await?;
+    if !marked {
+        return Ok(());
+    }
+    let name = meta::name(&node.metadata);
+    tracing::warn!(
+        node = name,
+        "node-controller: heartbeat overdue, marked Ready=Unknown"
+    );
+    let message = format!("Node {name} status is now: NodeNotReady");
+    ctx.client
+        .event(
+            Kind::Node,
+            &node.metadata,
+            EventType::Normal,
+            "NodeNotReady",
+            &message,
+            COMPONENT,
+        )
+        .await;
+    Ok(())
+}
+
+/// A node's status with `Ready=Unknown` (its last heartbeat time kept).
+fn unknown_status(node: &Node, now: Timestamp) -> NodeStatus {
     let mut status = node.status.clone().unwrap_or_default();
     let conditions = status.conditions.get_or_insert_with(Vec::new);
     let unknown = NodeCondition {
@@ -304,31 +345,7 @@ async fn mark_unknown<S: Store>(ctx: &Ctx<S>, node: &Node, now: Timestamp) -> Re
         }
         None => conditions.push(unknown),
     }
-    let name = meta::name(&node.metadata);
-    tracing::warn!(
-        node = name,
-        "node-controller: heartbeat overdue, marking Ready=Unknown"
-    );
-    ctx.client
-        .update_status(
-            &ctx.nodes,
-            &node.metadata,
-            &status,
-            meta::resource_version(&node.metadata),
-        )
-        .await?;
-    let message = format!("Node {name} status is now: NodeNotReady");
-    ctx.client
-        .event(
-            Kind::Node,
-            &node.metadata,
-            EventType::Normal,
-            "NodeNotReady",
-            &message,
-            COMPONENT,
-        )
-        .await;
-    Ok(())
+    status
 }
 
 /// Evicts the node's pods that don't tolerate its `NoExecute` taints;

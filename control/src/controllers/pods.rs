@@ -56,6 +56,11 @@ pub fn pod_from_template(kind: Kind, owner: &ObjectMeta, template: &PodTemplateS
 /// Creates `pods` in slow-start batches (1, 2, 4, …) as Kubernetes does,
 /// stopping at the first batch with a failure; records `SuccessfulCreate` or
 /// `FailedCreate` events on the owner. Returns how many were created.
+///
+/// Afterwards the owner is read again from the API: if it went away or
+/// started a (foreground) deletion meanwhile, the cascade may have listed
+/// its dependents before these pods existed, so they are deleted here
+/// instead of outliving it (or keeping a foreground delete waiting).
 pub(crate) async fn create_pods<S: Store>(
     ctx: &Ctx<S>,
     owner: &Owner<'_>,
@@ -63,38 +68,58 @@ pub(crate) async fn create_pods<S: Store>(
 ) -> Result<usize, Error> {
     let attempted = pods.len();
     let mut pods = pods.into_iter();
-    let mut created = 0;
+    let mut created = Vec::new();
     let mut batch = 1;
+    let mut failure = None;
     loop {
         let chunk: Vec<Pod> = pods.by_ref().take(batch).collect();
         if chunk.is_empty() {
-            return Ok(created);
+            break;
         }
         let results = join_all(chunk.iter().map(|pod| create_one(ctx, owner, pod))).await;
-        let mut errors = results.into_iter().filter_map(Result::err);
-        let first = errors.next();
-        let failed = usize::from(first.is_some()) + errors.count();
-        created += chunk.len() - failed;
-        if let Some(first) = first {
-            return Err(Error::Partial {
-                action: "pod creates",
-                failed: attempted - created,
-                attempted,
-                first: Box::new(first),
-            });
+        let mut errors = Vec::new();
+        for result in results {
+            match result {
+                Ok(pod) => created.push(pod),
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(first) = errors.into_iter().next() {
+            failure = Some(first);
+            break;
         }
         batch *= 2;
     }
+    if !created.is_empty() && !ctx.client.alive(owner.kind, owner.meta).await? {
+        tracing::info!(owner = %owner.key(), pods = created.len(), "owner went away while creating pods: deleting them");
+        for pod in &created {
+            ctx.client.delete(&ctx.pods, &pod.metadata, None).await?;
+        }
+        return Ok(0);
+    }
+    match failure {
+        None => Ok(created.len()),
+        Some(first) => Err(Error::Partial {
+            action: "pod creates",
+            failed: attempted - created.len(),
+            attempted,
+            first: Box::new(first),
+        }),
+    }
 }
 
-async fn create_one<S: Store>(ctx: &Ctx<S>, owner: &Owner<'_>, pod: &Pod) -> Result<(), Error> {
+async fn create_one<S: Store>(
+    ctx: &Ctx<S>,
+    owner: &Owner<'_>,
+    pod: &Pod,
+) -> Result<Arc<Pod>, Error> {
     let name = meta::name(&pod.metadata);
     match ctx
         .client
         .apply(&ctx.pods, "create", pod, owner.component)
         .await
     {
-        Ok(()) => {
+        Ok(created) => {
             let message = format!("Created pod: {name}");
             ctx.client
                 .event(
@@ -106,7 +131,7 @@ async fn create_one<S: Store>(ctx: &Ctx<S>, owner: &Owner<'_>, pod: &Pod) -> Res
                     owner.component,
                 )
                 .await;
-            Ok(())
+            Ok(created)
         }
         Err(e) => {
             let message = format!("Error creating: {e}");
@@ -175,7 +200,9 @@ pub(crate) async fn delete_pods<S: Store>(
 }
 
 /// The pods `owner` controls, after adopting the namespace's orphans (no
-/// controller owner, not terminating) that match `selector`.
+/// controller owner, not terminating) that match `selector`. Adoption is a
+/// compare-and-swap update of the pod, re-checked on the pod as stored if
+/// it changed meanwhile, and only while the owner is not being deleted.
 pub(crate) async fn claim_pods<S: Store>(
     ctx: &Ctx<S>,
     owner: &Owner<'_>,
@@ -186,32 +213,37 @@ pub(crate) async fn claim_pods<S: Store>(
     if meta::selector_is_empty(selector) {
         return Ok(claimed);
     }
+    let adoptable = |p: &Pod| {
+        meta::controller_of(&p.metadata).is_none()
+            && p.metadata.deletion_timestamp.is_none()
+            && meta::selector_matches(selector, meta::labels(&p.metadata))
+    };
     let orphans: Vec<Arc<Pod>> = ctx
         .pods
         .list_namespace(meta::namespace(owner.meta))
         .into_iter()
-        .filter(|p| {
-            meta::controller_of(&p.metadata).is_none()
-                && p.metadata.deletion_timestamp.is_none()
-                && meta::selector_matches(selector, meta::labels(&p.metadata))
-        })
+        .filter(|p| adoptable(p))
         .collect();
+    if orphans.is_empty() || !ctx.client.alive(owner.kind, owner.meta).await? {
+        return Ok(claimed);
+    }
+    let reference = meta::owner_ref(owner.kind.api_version(), owner.kind.name(), owner.meta);
     for orphan in orphans {
-        let mut adopted = (*orphan).clone();
-        adopted
-            .metadata
-            .owner_references
-            .get_or_insert_with(Vec::new)
-            .push(meta::owner_ref(
-                owner.kind.api_version(),
-                owner.kind.name(),
-                owner.meta,
-            ));
         tracing::info!(owner = %owner.key(), pod = meta::name(&orphan.metadata), "adopting orphan pod");
-        ctx.client
-            .apply(&ctx.pods, "adopt", &adopted, owner.component)
+        let pod = ctx
+            .client
+            .update(&ctx.pods, "adopt", &orphan, owner.component, |pod| {
+                if !adoptable(pod) {
+                    return false;
+                }
+                pod.metadata
+                    .owner_references
+                    .get_or_insert_with(Vec::new)
+                    .push(reference.clone());
+                true
+            })
             .await?;
-        if let Some(pod) = ctx.pods.get(&super::cache::key_of(&orphan.metadata)) {
+        if meta::controller_of(&pod.metadata).is_some_and(|r| r.uid == uid) {
             claimed.push(pod);
         }
     }

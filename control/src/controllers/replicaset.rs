@@ -145,17 +145,20 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
         .into_iter()
         .filter(|p| meta::pod_active(p))
         .collect();
-    let (status, recheck) = status_of(&rs, &current, now);
-    if rs.status.as_ref() != Some(&status) {
-        ctx.client
-            .update_status(
-                &ctx.replicasets,
-                &rs.metadata,
-                &status,
-                meta::resource_version(&rs.metadata),
-            )
-            .await?;
-    }
+    let mut recheck = None;
+    let generation = rs.metadata.generation;
+    ctx.client
+        .update_status(&ctx.replicasets, &rs, |rs: &ReplicaSet| {
+            // A spec change since our read requeues us; don't claim to
+            // have observed it.
+            if rs.metadata.generation != generation {
+                return None;
+            }
+            let (status, after) = status_of(rs, &current, now);
+            recheck = after;
+            (rs.status.as_ref() != Some(&status)).then_some(status)
+        })
+        .await?;
     managed?;
     // More to do than one burst allowed: come back at once.
     let more = (active.len() < want && want - active.len() > burst)

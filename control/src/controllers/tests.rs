@@ -4,6 +4,7 @@
 //! (through `UpdateStatus`) after a delay, as a kubelet would.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,16 @@ fn now_string() -> String {
 /// over `nodes`), reports them Running and then Ready `ready_after` later,
 /// and finishes terminating pods.
 async fn kubelet(api: &Api, nodes: Vec<String>, ready_after: Duration) -> watch::Sender<bool> {
+    kubelet_holding(api, nodes, ready_after, Arc::new(AtomicBool::new(false))).await
+}
+
+/// [`kubelet`], but terminating pods are only finished while `hold` is false.
+async fn kubelet_holding(
+    api: &Api,
+    nodes: Vec<String>,
+    ready_after: Duration,
+    hold: Arc<AtomicBool>,
+) -> watch::Sender<bool> {
     for node in &nodes {
         add_node(api, node, &json!({}), &json!([])).await;
     }
@@ -150,6 +161,9 @@ async fn kubelet(api: &Api, nodes: Vec<String>, ready_after: Duration) -> watch:
                 .iter()
                 .filter_map(|o| serde_json::from_str::<Pod>(&o.json).ok())
             {
+                if pod.metadata.deletion_timestamp.is_some() && hold.load(Ordering::SeqCst) {
+                    continue;
+                }
                 step(&api, &pod, &nodes, &mut next, &mut seen, ready_after).await;
             }
             tokio::select! {
@@ -842,4 +856,165 @@ async fn node_lifecycle_taints_evicts_and_untaints() {
         taints.is_empty().then_some(())
     })
     .await;
+}
+
+async fn delete(api: &Api, kind: &str, ns: &str, name: &str, propagation: &str) {
+    api.delete(&v1::DeleteRequest {
+        r#ref: Some(v1::ObjectRef {
+            api_version: String::new(),
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+        }),
+        propagation: propagation.into(),
+        grace_period_seconds: None,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("delete {kind} {ns}/{name}: {e}"));
+}
+
+/// Pods matching `selector`: (active, terminating).
+async fn pod_counts(api: &Api, selector: &str) -> (usize, usize) {
+    let pods = list::<Pod>(api, "Pod", selector).await;
+    let terminating = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    (pods.len() - terminating, terminating)
+}
+
+/// While a foreground delete waits for terminating pods, the controllers
+/// must leave the owner alone (no replacement pods, no new `ReplicaSet`);
+/// the owner goes once the pods are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_deletion_is_left_alone_by_the_controllers() {
+    let h = start(Config::default());
+    let hold = Arc::new(AtomicBool::new(true));
+    let _kubelet = kubelet_holding(
+        &h.api,
+        vec!["fg-a".into(), "fg-b".into()],
+        Duration::ZERO,
+        Arc::clone(&hold),
+    )
+    .await;
+    let mut d = web_deployment("web:v1", 3, 1, 0);
+    d["metadata"]["namespace"] = json!("fg");
+    apply(&h.api, &d).await;
+    let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "agent", "namespace": "fg"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+            "template": {"metadata": {"labels": {"app": "agent"}},
+                "spec": {"containers": [{"name": "c", "image": "agent:1"}]}}}});
+    apply(&h.api, &ds).await;
+    wait_for(
+        Duration::from_secs(10),
+        "3 web and 2 agent pods ready",
+        || async {
+            let ready = |pods: Vec<Pod>| pods.iter().filter(|p| meta::pod_ready(p)).count();
+            let web = ready(list::<Pod>(&h.api, "Pod", "app=web").await);
+            let agent = ready(list::<Pod>(&h.api, "Pod", "app=agent").await);
+            (web == 3 && agent == 2).then_some(())
+        },
+    )
+    .await;
+
+    delete(&h.api, "Deployment", "fg", "web", "Foreground").await;
+    delete(&h.api, "DaemonSet", "fg", "agent", "Foreground").await;
+    // Everything is terminating, nothing is replaced.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pod_counts(&h.api, "app=web").await, (0, 3));
+        assert_eq!(pod_counts(&h.api, "app=agent").await, (0, 2));
+        let rss = list::<ReplicaSet>(&h.api, "ReplicaSet", "").await;
+        assert_eq!(rss.len(), 1, "a new ReplicaSet during a foreground delete");
+        assert!(rss[0].metadata.deletion_timestamp.is_some());
+        let d: Deployment = get(&h.api, "Deployment", "fg", "web")
+            .await
+            .expect("kept until its pods are gone");
+        assert!(d.metadata.deletion_timestamp.is_some());
+        assert!(
+            get::<DaemonSet>(&h.api, "DaemonSet", "fg", "agent")
+                .await
+                .is_some()
+        );
+    }
+
+    hold.store(false, Ordering::SeqCst);
+    wait_for(Duration::from_secs(10), "everything gone", || async {
+        let pods = list::<Pod>(&h.api, "Pod", "").await;
+        let rss = list::<ReplicaSet>(&h.api, "ReplicaSet", "").await;
+        let d = get::<Deployment>(&h.api, "Deployment", "fg", "web").await;
+        let ds = get::<DaemonSet>(&h.api, "DaemonSet", "fg", "agent").await;
+        (pods.is_empty() && rss.is_empty() && d.is_none() && ds.is_none()).then_some(())
+    })
+    .await;
+    // And nothing comes back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(list::<Pod>(&h.api, "Pod", "").await.is_empty());
+}
+
+/// `OnDelete`: a template change replaces no pod; a pod someone deletes
+/// comes back from the new template (once the old one is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonset_on_delete_replaces_only_deleted_pods() {
+    let h = start(Config::default());
+    let hold = Arc::new(AtomicBool::new(false));
+    let _kubelet = kubelet_holding(
+        &h.api,
+        vec!["od-a".into(), "od-b".into()],
+        Duration::from_millis(300),
+        Arc::clone(&hold),
+    )
+    .await;
+    let ds = |image: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "agent", "namespace": "od"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+            "updateStrategy": {"type": "OnDelete"},
+            "template": {"metadata": {"labels": {"app": "agent"}},
+                "spec": {"containers": [{"name": "c", "image": image}]}}}})
+    };
+    apply(&h.api, &ds("agent:1")).await;
+    let images = |pods: &[Pod]| {
+        let mut out: Vec<(String, String)> = pods
+            .iter()
+            .map(|p| (meta::pod_node(p).to_owned(), image_of(p)))
+            .collect();
+        out.sort();
+        out
+    };
+    let first = wait_for(Duration::from_secs(10), "2 agent pods ready", || async {
+        let pods = list::<Pod>(&h.api, "Pod", "app=agent").await;
+        (pods.len() == 2 && pods.iter().all(meta::pod_ready)).then_some(pods)
+    })
+    .await;
+    apply(&h.api, &ds("agent:2")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pods = list::<Pod>(&h.api, "Pod", "app=agent").await;
+    assert_eq!(images(&pods), images(&first), "OnDelete replaced a pod");
+
+    // The user deletes the pod on od-a while its kubelet holds it.
+    hold.store(true, Ordering::SeqCst);
+    let on_a = first.iter().find(|p| meta::pod_node(p) == "od-a").unwrap();
+    delete(&h.api, "Pod", "od", meta::name(&on_a.metadata), "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No second pod on od-a while the old one terminates.
+    assert_eq!(pod_counts(&h.api, "app=agent").await, (1, 1));
+    hold.store(false, Ordering::SeqCst);
+    wait_for(Duration::from_secs(10), "a new pod on od-a", || async {
+        let pods = list::<Pod>(&h.api, "Pod", "app=agent").await;
+        let want = vec![
+            ("od-a".to_owned(), "agent:2".to_owned()),
+            ("od-b".to_owned(), "agent:1".to_owned()),
+        ];
+        (images(&pods) == want && pods.iter().all(meta::pod_ready)).then_some(())
+    })
+    .await;
+    let status = wait_for(Duration::from_secs(10), "status", || async {
+        let ds: DaemonSet = get(&h.api, "DaemonSet", "od", "agent").await?;
+        let s = ds.status?;
+        (s.observed_generation == Some(2) && s.number_ready == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(status.updated_number_scheduled, Some(1));
 }

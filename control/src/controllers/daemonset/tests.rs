@@ -144,7 +144,7 @@ fn plan_creates_missing_and_removes_extra_and_misscheduled() {
             ..state("e", (true, true), vec![])
         },
     ];
-    let p = plan(&nodes, "h", 1, 0, now);
+    let p = plan(&nodes, "h", Some(1), 0, now);
     assert_eq!(p.create_on, vec!["a".to_owned()]);
     assert_eq!(p.delete, vec!["b2".to_owned(), "c1".to_owned()]);
 }
@@ -161,18 +161,18 @@ fn rolling_update_replaces_at_most_max_unavailable() {
             )
         })
         .collect();
-    assert_eq!(plan(&nodes, "new", 2, 0, now).delete.len(), 2);
+    assert_eq!(plan(&nodes, "new", Some(2), 0, now).delete.len(), 2);
     // One node already without a pod: only one more may go.
     let mut fewer = nodes.clone();
     fewer[0].pods.clear();
-    let p = plan(&fewer, "new", 2, 0, now);
+    let p = plan(&fewer, "new", Some(2), 0, now);
     assert_eq!(p.delete.len(), 1);
     assert_eq!(p.create_on, vec!["n0".to_owned()]);
     // Old pods that are not ready anyway are replaced regardless.
     let mut unready = nodes.clone();
     unready[1].pods = vec![pod("bad", "old", false, 1)];
     unready[2].pods = vec![pod("bad2", "old", false, 1)];
-    let p = plan(&unready, "new", 1, 0, now);
+    let p = plan(&unready, "new", Some(1), 0, now);
     assert_eq!(p.delete, vec!["bad".to_owned(), "bad2".to_owned()]);
     // Up to date: nothing to do.
     let current: Vec<NodeState> = (0..3)
@@ -184,7 +184,34 @@ fn rolling_update_replaces_at_most_max_unavailable() {
             )
         })
         .collect();
-    assert_eq!(plan(&current, "h", 1, 0, now), Plan::default());
+    assert_eq!(plan(&current, "h", Some(1), 0, now), Plan::default());
+}
+
+#[test]
+fn on_delete_keeps_old_pods_and_new_unready_ones() {
+    let now = Timestamp::from_second(1000).unwrap();
+    let nodes = vec![
+        state("old-ready", (true, true), vec![pod("a", "old", true, 1)]),
+        state("old-unready", (true, true), vec![pod("b", "old", false, 1)]),
+        // Just created from the current template, not ready yet.
+        state("new-starting", (true, true), vec![pod("c", "h", false, 1)]),
+        // Its old pod was deleted by the user: it gets a new one.
+        state("deleted", (true, true), vec![]),
+        // Duplicates still go, and pods on nodes that must not run it.
+        state(
+            "dup",
+            (true, true),
+            vec![pod("d1", "old", true, 1), pod("d2", "h", true, 2)],
+        ),
+        state("gone", (false, false), vec![pod("e", "old", true, 1)]),
+    ];
+    let p = plan(&nodes, "h", None, 0, now);
+    assert_eq!(p.create_on, vec!["deleted".to_owned()]);
+    assert_eq!(p.delete, vec!["d2".to_owned(), "e".to_owned()]);
+    // The same nodes under RollingUpdate replace old pods, never new ones.
+    let p = plan(&nodes, "h", Some(1), 0, now);
+    assert!(p.delete.contains(&"b".to_owned()), "{p:?}");
+    assert!(!p.delete.contains(&"c".to_owned()), "{p:?}");
 }
 
 #[test]

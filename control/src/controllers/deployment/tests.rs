@@ -297,3 +297,134 @@ fn status_conditions_follow_the_rollout() {
         Some("ProgressDeadlineExceeded")
     );
 }
+
+/// The API over a fresh store with namespace `ns`, and controller context
+/// whose caches are filled by hand (no informers run).
+async fn fresh_ctx(ns: &str) -> (tempfile::TempDir, Arc<Ctx<crate::store::RedbStore>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::RedbStore::open(dir.path().join("store.redb")).unwrap());
+    let api = Arc::new(crate::api::ObjectsApi::new(store));
+    apply(
+        &api,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    let ctx = Ctx::new(api, super::super::Config::default());
+    (dir, ctx)
+}
+
+async fn apply(
+    api: &crate::api::ObjectsApi<crate::store::RedbStore>,
+    doc: &serde_json::Value,
+) -> weir_proto::v1::Object {
+    api.apply(&weir_proto::v1::ApplyRequest {
+        manifest_json: doc.to_string(),
+        field_manager: "test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("apply {doc}: {e}"))
+    .object
+    .unwrap()
+}
+
+async fn stored<K: serde::de::DeserializeOwned>(
+    ctx: &Ctx<crate::store::RedbStore>,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> K {
+    let r = weir_proto::v1::ObjectRef {
+        api_version: String::new(),
+        kind: kind.into(),
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    let object = ctx.client.api().get(&r).await.unwrap();
+    serde_json::from_str(&object.json).unwrap()
+}
+
+fn deployment(replicas: i32, labels: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "conc", "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "c", "image": "web:v1"}]},
+            },
+        },
+    })
+}
+
+#[tokio::test]
+async fn annotating_a_stale_deployment_keeps_a_concurrent_user_change() {
+    let (_dir, ctx) = fresh_ctx("conc").await;
+    let api = Arc::clone(ctx.client.api());
+    let read = apply(&api, &deployment(2, &json!({}))).await;
+    // The controller's view, about to go stale.
+    ctx.deployments.observe(&read);
+    // The user scales and labels the Deployment after the controller read it.
+    apply(&api, &deployment(5, &json!({"team": "a"}))).await;
+
+    // The reconcile creates the ReplicaSet and annotates the Deployment
+    // with its revision: a compare-and-swap on the stale version that
+    // conflicts, is retried on the stored one, and so keeps the change.
+    reconcile(&ctx, "conc/web").await.unwrap();
+    let d: Deployment = stored(&ctx, "Deployment", "conc", "web").await;
+    assert_eq!(d.spec.replicas, Some(5), "the user's scale was overwritten");
+    assert_eq!(
+        meta::labels(&d.metadata).get("team").map(String::as_str),
+        Some("a"),
+        "the user's label was overwritten"
+    );
+    assert_eq!(revision_of(&d.metadata), 1);
+    // Status is not written for a spec the reconcile did not see.
+    assert!(
+        d.status
+            .as_ref()
+            .is_none_or(|s| s.observed_generation != d.metadata.generation),
+        "{:?}",
+        d.status
+    );
+
+    // The next reconcile works from the stored state it read back.
+    reconcile(&ctx, "conc/web").await.unwrap();
+    let rss = ctx.replicasets.by_index(BY_OWNER, meta::uid(&d.metadata));
+    assert_eq!(rss.len(), 1);
+    let rs: ReplicaSet = stored(&ctx, "ReplicaSet", "conc", meta::name(&rss[0].metadata)).await;
+    assert_eq!(rs.spec.replicas, Some(5));
+    let d: Deployment = stored(&ctx, "Deployment", "conc", "web").await;
+    assert_eq!(d.status.unwrap().observed_generation, d.metadata.generation);
+}
+
+#[tokio::test]
+async fn scaling_a_stale_replica_set_keeps_a_concurrent_change() {
+    let (_dir, ctx) = fresh_ctx("conc").await;
+    let api = Arc::clone(ctx.client.api());
+    let read = apply(&api, &deployment(3, &json!({}))).await;
+    ctx.deployments.observe(&read);
+    reconcile(&ctx, "conc/web").await.unwrap();
+    let rs = ctx.replicasets.list().pop().expect("a ReplicaSet");
+    let rs_name = meta::name(&rs.metadata).to_owned();
+    // Someone labels the ReplicaSet behind the controller's cache.
+    let mut doc = serde_json::to_value(&*rs).unwrap();
+    doc["metadata"]["labels"]["audit"] = json!("yes");
+    doc["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    apply(&api, &doc).await;
+    // The Deployment is scaled; the controller scales its stale RS.
+    let read = apply(&api, &deployment(4, &json!({}))).await;
+    ctx.deployments.observe(&read);
+    reconcile(&ctx, "conc/web").await.unwrap();
+    let rs: ReplicaSet = stored(&ctx, "ReplicaSet", "conc", &rs_name).await;
+    assert_eq!(rs.spec.replicas, Some(4));
+    assert_eq!(
+        meta::labels(&rs.metadata).get("audit").map(String::as_str),
+        Some("yes"),
+        "the concurrent label was overwritten"
+    );
+}
