@@ -7,8 +7,8 @@
 //! node heartbeats again. Pods bound to a node whose Node object is gone are
 //! deleted at once (grace 0).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, Taint};
@@ -87,9 +87,11 @@ pub(crate) fn start<S: Store>(
     };
     let worker = {
         let ctx = Arc::clone(ctx);
+        let probes = Arc::new(Probes::default());
         drive(COMPONENT, queue, shutdown.clone(), move |key| {
             let ctx = Arc::clone(&ctx);
-            async move { reconcile(&ctx, &key).await }
+            let probes = Arc::clone(&probes);
+            async move { reconcile(&ctx, &probes, &key).await }
         })
     };
     vec![from_nodes, from_pods, ticker, worker]
@@ -149,15 +151,23 @@ pub struct Verdict {
     pub recheck: Option<Duration>,
 }
 
-/// Checks a node's heartbeat against the grace period: the last
-/// `Ready.lastHeartbeatTime` (else the node's creation) plus `grace`.
-pub fn verdict(node: &Node, grace: Duration, now: Timestamp) -> Verdict {
+/// Checks a node's heartbeat against the grace period: the later of the
+/// last `Ready.lastHeartbeatTime` (else the node's creation) and `observed`
+/// (when this controller first saw that heartbeat, see [`Probes`]) plus
+/// `grace`.
+pub fn verdict(
+    node: &Node,
+    grace: Duration,
+    now: Timestamp,
+    observed: Option<Timestamp>,
+) -> Verdict {
     let ready = ready_condition(node);
     let status = ready.map(|c| c.status.clone());
     let last = ready
         .and_then(|c| c.last_heartbeat_time.as_ref())
         .or(node.metadata.creation_timestamp.as_ref())
         .map_or(now, |t| t.0);
+    let last = observed.map_or(last, |o| o.max(last));
     let deadline = last + SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
     if deadline <= now {
         return Verdict {
@@ -247,17 +257,51 @@ pub fn eviction(pod: &Pod, taints: &[Taint], now: Timestamp) -> Eviction {
     }
 }
 
+/// When this controller first saw each node's current heartbeat, by its own
+/// clock (kube-controller-manager's probe timestamps). A control plane that
+/// was down, or has just started, gives every node a full grace period from
+/// the moment it sees it, instead of judging heartbeats that had nowhere to
+/// go; a node whose heartbeat stops changing runs out of grace as before.
+#[derive(Debug, Default)]
+pub struct Probes(Mutex<HashMap<String, (Option<Timestamp>, Timestamp)>>);
+
+impl Probes {
+    /// Records `node`'s heartbeat as seen `now`; when it was first seen.
+    pub fn observe(&self, node: &Node, now: Timestamp) -> Timestamp {
+        let heartbeat = ready_condition(node)
+            .and_then(|c| c.last_heartbeat_time.as_ref())
+            .map(|t| t.0);
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = seen
+            .entry(meta::name(&node.metadata).to_owned())
+            .or_insert((heartbeat, now));
+        if entry.0 != heartbeat {
+            *entry = (heartbeat, now);
+        }
+        entry.1
+    }
+
+    fn forget(&self, name: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+}
+
 /// Checks one node: heartbeat, taints, evictions; or, if the node is gone,
 /// force-deletes the pods still bound to it.
-async fn reconcile<S: Store>(ctx: &Ctx<S>, name: &str) -> Result<Action, Error> {
+async fn reconcile<S: Store>(ctx: &Ctx<S>, probes: &Probes, name: &str) -> Result<Action, Error> {
     let Some(node) = ctx.nodes.get(name) else {
+        probes.forget(name);
         return delete_orphans(ctx, name).await;
     };
     let now = meta::now();
     let grace = ctx.config.node_monitor_grace_period;
-    let first = verdict(&node, grace, now);
+    let observed = Some(probes.observe(&node, now));
+    let first = verdict(&node, grace, now, observed);
     if first.mark_unknown {
-        mark_unknown(ctx, &node, now).await?;
+        mark_unknown(ctx, &node, now, observed).await?;
     }
     let node = ctx.nodes.get(name).unwrap_or(node);
     // Compare-and-swap on the node as read; on a conflict (a heartbeat, a
@@ -265,7 +309,7 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, name: &str) -> Result<Action, Error> 
     let node = ctx
         .client
         .update(&ctx.nodes, "taint", &node, COMPONENT, |node| {
-            let Some(ready) = verdict(node, grace, now).ready else {
+            let Some(ready) = verdict(node, grace, now, observed).ready else {
                 return false;
             };
             let taints = node
@@ -293,12 +337,13 @@ async fn mark_unknown<S: Store>(
     ctx: &Ctx<S>,
     node: &Arc<Node>,
     now: Timestamp,
+    observed: Option<Timestamp>,
 ) -> Result<(), Error> {
     let grace = ctx.config.node_monitor_grace_period;
     let mut marked = false;
     ctx.client
         .update_status(&ctx.nodes, node, |node: &Node| {
-            marked = verdict(node, grace, now).mark_unknown;
+            marked = verdict(node, grace, now, observed).mark_unknown;
             marked.then(|| unknown_status(node, now))
         })
         .await?;

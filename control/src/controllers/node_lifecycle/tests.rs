@@ -25,7 +25,7 @@ const GRACE: Duration = Duration::from_secs(40);
 
 #[test]
 fn heartbeat_within_grace_is_fine_and_says_when_to_look_again() {
-    let v = verdict(&node(Some(("True", 1000))), GRACE, at(1010));
+    let v = verdict(&node(Some(("True", 1000))), GRACE, at(1010), None);
     assert!(!v.mark_unknown);
     assert_eq!(v.ready.as_deref(), Some("True"));
     assert_eq!(v.recheck, Some(Duration::from_secs(30)));
@@ -33,23 +33,44 @@ fn heartbeat_within_grace_is_fine_and_says_when_to_look_again() {
 
 #[test]
 fn overdue_heartbeat_marks_unknown_once() {
-    let v = verdict(&node(Some(("True", 1000))), GRACE, at(1040));
+    let v = verdict(&node(Some(("True", 1000))), GRACE, at(1040), None);
     assert!(v.mark_unknown);
     assert_eq!(v.ready.as_deref(), Some("Unknown"));
-    let v = verdict(&node(Some(("Unknown", 1000))), GRACE, at(1100));
+    let v = verdict(&node(Some(("Unknown", 1000))), GRACE, at(1100), None);
     assert!(!v.mark_unknown, "already Unknown");
     assert_eq!(v.ready.as_deref(), Some("Unknown"));
     // Never reported: judged from the node's creation, taints left alone
     // until then.
-    let fresh = verdict(&node(None), GRACE, at(120));
+    let fresh = verdict(&node(None), GRACE, at(120), None);
     assert!(!fresh.mark_unknown);
     assert_eq!(fresh.ready, None);
-    assert!(verdict(&node(None), GRACE, at(141)).mark_unknown);
+    assert!(verdict(&node(None), GRACE, at(141), None).mark_unknown);
+}
+
+#[test]
+fn a_control_that_was_away_gives_every_node_a_full_grace_period() {
+    // The control plane comes back at 5000 to a heartbeat from 1000: the
+    // node is judged from when the controller first sees it, not evicted.
+    let probes = Probes::default();
+    let n = node(Some(("True", 1000)));
+    let observed = probes.observe(&n, at(5000));
+    assert_eq!(observed, at(5000));
+    let v = verdict(&n, GRACE, at(5001), Some(observed));
+    assert!(!v.mark_unknown, "fresh grace after the control's absence");
+    // The heartbeat never changes again: the grace runs out as usual.
+    let observed = probes.observe(&n, at(5040));
+    assert_eq!(observed, at(5000), "same heartbeat: first sighting kept");
+    assert!(verdict(&n, GRACE, at(5040), Some(observed)).mark_unknown);
+    // A new heartbeat restarts the clock.
+    let n = node(Some(("True", 5030)));
+    let observed = probes.observe(&n, at(5041));
+    assert_eq!(observed, at(5041));
+    assert!(!verdict(&n, GRACE, at(5050), Some(observed)).mark_unknown);
 }
 
 #[test]
 fn ready_false_keeps_its_status() {
-    let v = verdict(&node(Some(("False", 1000))), GRACE, at(1001));
+    let v = verdict(&node(Some(("False", 1000))), GRACE, at(1001), None);
     assert!(!v.mark_unknown);
     assert_eq!(v.ready.as_deref(), Some("False"));
 }
