@@ -19,6 +19,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod etcd;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Cluster CIDR and service CIDR kept behind `unreachable` routes on the host.
