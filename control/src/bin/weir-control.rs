@@ -6,8 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
+use tokio::sync::watch;
 use weir_control::{
-    api, controllers, nodes, scheduler,
+    api, controllers, leader, nodes, scheduler,
     store::{EtcdStore, RedbStore, Store},
 };
 
@@ -20,7 +21,9 @@ use weir_control::{
 /// `Heartbeat`, `WatchNode`, `ReportPodStatus`). Runs the controllers
 /// (replica sets, deployments, daemon sets, node lifecycle). With no flags it
 /// keeps its objects in an embedded redb file; `--store
-/// etcd://host:port[,host:port...]` uses etcd.
+/// etcd://host:port[,host:port...]` uses etcd, where several weir-controls
+/// may share one cluster: all serve the API, and the one elected leader
+/// through an etcd lease runs the controllers and the scheduler.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -85,6 +88,18 @@ struct Args {
     /// Do not run the scheduler (pods stay pending unless bound otherwise).
     #[arg(long)]
     no_scheduler: bool,
+
+    // --- leader election (etcd store) ---
+    /// With the etcd store: the leader lease's TTL. A leader renews it every
+    /// third of it and stops leading once it passes unrenewed; a standby
+    /// takes over within about this long after the leader dies.
+    #[arg(long, default_value = "10s", value_parser = controllers::parse_duration)]
+    leader_lease: Duration,
+
+    /// With the etcd store: this control's identity in leader election
+    /// (default `<hostname>-<pid>`).
+    #[arg(long)]
+    leader_id: Option<String>,
 }
 
 impl Args {
@@ -105,6 +120,13 @@ impl Args {
             Some(path) => scheduler::Config::load(path)?,
             None => scheduler::Config::default(),
         }))
+    }
+
+    /// Leader election settings (checked even where unused, so a bad flag
+    /// is refused on every store).
+    fn leader(&self) -> anyhow::Result<leader::Config> {
+        let id = self.leader_id.clone().unwrap_or_else(leader::default_id);
+        Ok(leader::Config::new(id, self.leader_lease)?)
     }
 
     fn nodes(&self) -> nodes::NodesConfig {
@@ -144,7 +166,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let store = EtcdStore::connect(&endpoints, &args.etcd_prefix)
             .await
             .with_context(|| format!("connect to etcd at {}", args.store))?;
-        serve(&args, Arc::new(store)).await
+        let lock = leader::EtcdLock::new(
+            store.client(),
+            format!("{}{}", store.key_prefix(), leader::LEADER_KEY),
+        );
+        let elector = leader::Elector::new(lock, args.leader()?);
+        serve(&args, Arc::new(store), Some(elector)).await
     } else {
         let path = PathBuf::from(&args.store);
         if let Some(dir) = path.parent() {
@@ -152,33 +179,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let store =
             RedbStore::open(&path).with_context(|| format!("open store {}", path.display()))?;
-        serve(&args, Arc::new(store)).await
+        serve(&args, Arc::new(store), None).await
     }
 }
 
-async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
+async fn serve<S: Store>(
+    args: &Args,
+    store: Arc<S>,
+    elector: Option<leader::Elector<leader::EtcdLock>>,
+) -> anyhow::Result<()> {
     let listen = args.listen;
-    let scheduler_config = args.scheduler()?;
+    let leader_config = args.leader()?;
+    let leading = Leading {
+        id: leader_config.id.clone(),
+        controllers: (!args.disable_controllers).then(|| args.controllers()),
+        scheduler: args.scheduler()?,
+    };
     let api = Arc::new(api::ObjectsApi::new(store));
     api.ensure_default_namespaces()
         .await
         .context("create the default namespaces")?;
     tracing::info!(%listen, store = %args.store, "weir-control serving");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let controllers = (!args.disable_controllers)
-        .then(|| controllers::spawn(Arc::clone(&api), args.controllers(), stopped.clone()));
-    let scheduler = scheduler_config.map(|config| {
-        let api = Arc::clone(&api);
-        let mut stopped = stopped;
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = scheduler::run(api, config, shutdown).await {
-                tracing::error!(error = format!("{e:#}"), "scheduler stopped");
-            }
-        })
-    });
+    let (stop, stopped) = watch::channel(false);
+    let background = spawn_leader_work(&api, leading, elector, stopped);
     let (close, closed) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -194,16 +217,14 @@ async fn serve<S: Store>(args: &Args, store: Arc<S>) -> anyhow::Result<()> {
     };
     // Stop everything that acts on the cluster first, while agents can
     // still reach us: a node controller outliving the server would see the
-    // heartbeats stop and evict every pod.
+    // heartbeats stop and evict every pod. A leader then resigns.
     stop.send_replace(true);
-    for (what, task) in [("scheduler", scheduler), ("controllers", controllers)] {
-        if let Some(task) = task
-            && tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-        {
-            tracing::warn!("{what} did not stop within 5s");
-        }
+    if let Some(background) = background
+        && tokio::time::timeout(Duration::from_secs(10), background)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the controllers and the scheduler did not stop within 10s");
     }
     let outcome = if let Some(exited) = early_exit {
         exited
@@ -238,4 +259,83 @@ async fn signalled() {
             }
         } => {}
     }
+}
+
+// --- leader election: who runs the controllers and the scheduler ---
+//
+// With redb there is one control, always the leader: its work runs until
+// shutdown. With etcd the work runs only while this process holds the
+// leader lease (`leader::Elector`), and stops as soon as it loses it. With
+// --disable-controllers there is no work and no campaign.
+
+/// What the leader runs, and who it is.
+#[derive(Clone)]
+struct Leading {
+    id: String,
+    controllers: Option<controllers::Config>,
+    scheduler: Option<scheduler::Config>,
+}
+
+/// Starts the leader's work: under `elector` if there is one, else at
+/// once. The task ends once `shutdown` turns true and the work stopped.
+fn spawn_leader_work<S: Store>(
+    api: &Arc<api::ObjectsApi<S>>,
+    leading: Leading,
+    elector: Option<leader::Elector<leader::EtcdLock>>,
+    shutdown: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if leading.controllers.is_none() && leading.scheduler.is_none() {
+        return None;
+    }
+    let api = Arc::clone(api);
+    let term = move |stop| lead(Arc::clone(&api), leading.clone(), stop);
+    Some(match elector {
+        Some(elector) => tokio::spawn(elector.run(term, shutdown)),
+        None => tokio::spawn(term(shutdown)),
+    })
+}
+
+/// One term of leadership: records it, runs the controllers and the
+/// scheduler until `stop` turns true, then waits (bounded) for them.
+async fn lead<S: Store>(
+    api: Arc<api::ObjectsApi<S>>,
+    leading: Leading,
+    mut stop: watch::Receiver<bool>,
+) {
+    leader::record_became_leader(&api, &leading.id).await;
+    let controllers = leading
+        .controllers
+        .map(|config| controllers::spawn(Arc::clone(&api), config, stop.clone()));
+    let scheduler = leading.scheduler.map(|config| {
+        let api = Arc::clone(&api);
+        let mut stopped = stop.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = scheduler::run(api, config, shutdown).await {
+                tracing::error!(error = format!("{e:#}"), "scheduler stopped");
+            }
+        })
+    });
+    let _ = stop.wait_for(|stop| *stop).await;
+    // Both stop side by side within one bound, inside the elector's grace.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let scheduler = async {
+        if let Some(scheduler) = scheduler
+            && tokio::time::timeout_at(deadline, scheduler).await.is_err()
+        {
+            tracing::warn!("scheduler did not stop within 4s");
+        }
+    };
+    let controllers = async {
+        if let Some(controllers) = controllers
+            && tokio::time::timeout_at(deadline, controllers)
+                .await
+                .is_err()
+        {
+            tracing::warn!("controllers did not stop within 4s");
+        }
+    };
+    tokio::join!(scheduler, controllers);
 }

@@ -170,6 +170,17 @@ impl EtcdStore {
         &self.prefix
     }
 
+    /// The etcd client (a cheap clone sharing the connection), for what is
+    /// not a [`Store`] operation: leases for leader election.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The endpoints, `host:port,...`, for error messages.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     fn kv(&self) -> KvClient {
         self.client
             .kv_client()
