@@ -86,6 +86,34 @@ impl Etcd {
         TcpStream::connect(("127.0.0.1", self.client_port)).is_ok()
     }
 
+    /// The number of keys etcd holds (its `etcd_debugging_mvcc_keys_total`
+    /// metric), as an observer of what a client stored.
+    pub fn keys(&self) -> anyhow::Result<u64> {
+        let (code, body) = crate::http_get(
+            ([127, 0, 0, 1], self.client_port).into(),
+            "/metrics",
+            Duration::from_secs(5),
+        )?;
+        if code != 200 {
+            bail!("GET /metrics: {code}");
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_keys_total "))
+            .context("etcd_debugging_mvcc_keys_total missing from /metrics")?
+            .trim()
+            .parse::<f64>()
+            .map(|k| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a key count, printed as a float"
+                )]
+                let k = k as u64;
+                k
+            })
+            .context("parse etcd_debugging_mvcc_keys_total")
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()

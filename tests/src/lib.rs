@@ -693,7 +693,9 @@ impl Drop for Cluster {
                 }
             }
             if n.agent.is_none() {
-                let _ = n.start_agent();
+                // A missing binary or image panics; inside a drop that
+                // would abort the process and skip the rest of the cleanup.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.start_agent()));
             }
         }
         for n in &mut self.nodes {

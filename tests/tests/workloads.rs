@@ -880,6 +880,12 @@ fn agent_death_and_return(
     ensure!(line.contains("NotReady"), "{line}");
     let replaced = wait_ready_avoiding(api, "web", 6, &node, limit)?;
     let took = killed.elapsed();
+    // Not before the grace period (less a heartbeat and the timestamps'
+    // whole seconds).
+    ensure!(
+        took + Duration::from_secs(3) >= NODE_GRACE,
+        "pods of {node} replaced after {took:?}, within the grace period"
+    );
     each_answers_across_nodes(clients, &replaced, "web-v1")?;
 
     c.start_agent(i)?;
@@ -946,6 +952,13 @@ fn control_on_etcd_runs_pods_and_restarts_without_losing_them() -> anyhow::Resul
     let clients = clients(&c, &api)?;
     let pods = wait_settled(&api, "app=web", 3, START, |_| true)?;
     each_answers_across_nodes(&clients, &pods, "web-v1")?;
+    // The objects live in etcd: it holds at least a key per object.
+    let objects = all_uids(&api)?.len();
+    let keys = etcd.keys()?;
+    ensure!(
+        usize::try_from(keys)? >= objects,
+        "etcd holds {keys} keys for {objects} objects"
+    );
     control_restart_loses_nothing(&mut c, &api, &clients, "web")?;
     ensure!(etcd.answers(), "etcd went away");
     Ok(())
