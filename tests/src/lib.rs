@@ -373,6 +373,11 @@ impl Node {
         format!("weir-{}", self.name)
     }
 
+    /// The network namespace of this node's pod `uid`.
+    pub fn pod_netns(&self, uid: &str) -> PathBuf {
+        Path::new("/run/weir/netns").join(&self.name).join(uid)
+    }
+
     /// The agent's own log file.
     pub fn agent_log(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -688,7 +693,9 @@ impl Drop for Cluster {
                 }
             }
             if n.agent.is_none() {
-                let _ = n.start_agent();
+                // A missing binary or image panics; inside a drop that
+                // would abort the process and skip the rest of the cleanup.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.start_agent()));
             }
         }
         for n in &mut self.nodes {
@@ -764,7 +771,7 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its redb file.
+    /// Its redb file (or the `--store` given, e.g. `etcd://…`).
     pub store: PathBuf,
     log: PathBuf,
     args: Vec<String>,
@@ -774,6 +781,17 @@ impl ControlPlane {
     /// Starts weir-control on `ip` (a free port), its store and log under
     /// `dir`, with `args` added, and waits until it listens.
     pub fn start(dir: &Path, ip: Ipv4Addr, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_store(dir, ip, None, args)
+    }
+
+    /// Like [`ControlPlane::start`], with `--store store` instead of the
+    /// redb file under `dir` when `store` is given (e.g. `etcd://host:port`).
+    pub fn start_with_store(
+        dir: &Path,
+        ip: Ipv4Addr,
+        store: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = std::net::TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
@@ -782,7 +800,7 @@ impl ControlPlane {
         let mut me = Self {
             child: None,
             addr: SocketAddr::from((ip, port)),
-            store: dir.join("weir.redb"),
+            store: store.map_or_else(|| dir.join("weir.redb"), PathBuf::from),
             log: dir.join("control.log"),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
@@ -863,13 +881,73 @@ impl ControlCluster {
     /// A cluster of `nodes` nodes (agents not started) and a running
     /// weir-control with `control_args` (e.g. `--heartbeat-interval 1s`).
     pub fn new(tag: &str, subnet: u8, nodes: usize, control_args: &[&str]) -> anyhow::Result<Self> {
+        Self::with_store(tag, subnet, nodes, None, control_args)
+    }
+
+    /// Like [`ControlCluster::new`], with weir-control on `store` (e.g.
+    /// `etcd://127.0.0.1:2379`) instead of a redb file when given.
+    pub fn with_store(
+        tag: &str,
+        subnet: u8,
+        nodes: usize,
+        store: Option<&str>,
+        control_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let cluster = Cluster::new(tag, subnet, nodes)?;
-        let control = ControlPlane::start(
+        let control = ControlPlane::start_with_store(
             &cluster.dir.join("control"),
             Ipv4Addr::new(10, 250, subnet, 1),
+            store,
             control_args,
         )?;
         Ok(Self { cluster, control })
+    }
+
+    /// Starts every node's agent in control mode.
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.cluster.nodes.len() {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    /// The node names, in order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.cluster.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The node called `name`.
+    pub fn node_named(&self, name: &str) -> Option<&Node> {
+        self.cluster.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Runs the real weirctl against this control with `args` (and
+    /// `stdin` fed to it when given); returns (success, stdout, stderr).
+    pub fn weirctl_output(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<(bool, String, String)> {
+        weirctl(&self.control.url(), args, stdin)
+    }
+
+    /// Runs weirctl with `args`; its stdout, or an error with its stderr
+    /// when it fails.
+    pub fn weirctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (ok, out, err) = self.weirctl_output(args, None)?;
+        if !ok {
+            bail!("weirctl {} failed:\n{err}{out}", args.join(" "));
+        }
+        Ok(out)
+    }
+
+    /// `weirctl apply -f -` with `yaml` on stdin; its stdout.
+    pub fn weirctl_apply(&self, yaml: &str) -> anyhow::Result<String> {
+        let (ok, out, err) = self.weirctl_output(&["apply", "-f", "-"], Some(yaml))?;
+        if !ok {
+            bail!("weirctl apply failed:\n{err}{out}\nmanifest:\n{yaml}");
+        }
+        Ok(out)
     }
 
     /// Node `i`.
@@ -891,6 +969,67 @@ impl Drop for ControlCluster {
             n.leave_control();
         }
     }
+}
+
+/// Runs the weirctl binary against `server` with `args` (and `stdin`
+/// when given); returns (success, stdout, stderr).
+pub fn weirctl(
+    server: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<(bool, String, String)> {
+    let mut child = Command::new(weirctl_bin())
+        .args(["--server", server])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start weirctl")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .context("write weirctl's stdin")?;
+    }
+    let out = child.wait_with_output().context("wait for weirctl")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (a
+/// pod's, `/run/weir/netns/<node>/<uid>`, or a node's), so sockets it opens
+/// see that namespace's addresses and routes; returns what `f` returns.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let file =
+        std::fs::File::open(netns).with_context(|| format!("open netns {}", netns.display()))?;
+    let path = netns.display().to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("enter netns {path}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in {} panicked", netns.display()))?
+}
+
+/// [`http_get`] from inside the network namespace at `netns`.
+pub fn http_get_in(
+    netns: &Path,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let path = path.to_owned();
+    in_netns(netns, move || http_get(addr, &path, timeout))
 }
 
 /// Removes a cgroup directory and everything below it, deepest first.
