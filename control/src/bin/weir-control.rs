@@ -67,6 +67,10 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     burst_replicas: usize,
 
+    /// How long events are kept after they last happened.
+    #[arg(long, default_value = "1h", value_parser = controllers::parse_duration)]
+    event_ttl: Duration,
+
     /// Serve the API only: run neither the scheduler nor the controllers
     /// (for tests and debugging; nothing then acts on the objects).
     #[arg(long)]
@@ -108,6 +112,8 @@ impl Args {
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_monitor_period: self.node_monitor_period,
             burst_replicas: self.burst_replicas,
+            event_ttl: self.event_ttl,
+            ..controllers::Config::default()
         }
     }
 

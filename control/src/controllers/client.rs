@@ -99,7 +99,6 @@ impl<S: Store> Client<S> {
     }
 
     /// The API the client writes through.
-    #[cfg(test)]
     pub(crate) fn api(&self) -> &Arc<ObjectsApi<S>> {
         &self.api
     }

@@ -14,6 +14,7 @@ pub mod cache;
 mod client;
 pub mod daemonset;
 pub mod deployment;
+pub mod gc;
 pub mod meta;
 pub mod node_lifecycle;
 mod pods;
@@ -71,6 +72,11 @@ pub struct Config {
     /// At most this many pods are created or deleted per reconcile of one
     /// `ReplicaSet` (Kubernetes' `burstReplicas`).
     pub burst_replicas: usize,
+    /// Events are deleted this long after they last happened
+    /// (`--event-ttl`).
+    pub event_ttl: Duration,
+    /// How often the garbage collector sweeps for orphans and old events.
+    pub gc_period: Duration,
 }
 
 impl Default for Config {
@@ -79,6 +85,8 @@ impl Default for Config {
             node_monitor_grace_period: Duration::from_secs(40),
             node_monitor_period: Duration::from_secs(5),
             burst_replicas: 500,
+            event_ttl: Duration::from_hours(1),
+            gc_period: Duration::from_mins(1),
         }
     }
 }
@@ -199,6 +207,7 @@ pub async fn run<S: Store>(
         tasks.extend(deployment::start(&ctx, &shutdown));
         tasks.extend(daemonset::start(&ctx, &shutdown));
         tasks.extend(node_lifecycle::start(&ctx, &shutdown));
+        tasks.extend(gc::start(&ctx, &shutdown));
     }
     for task in tasks {
         if let Err(e) = task.await {

@@ -1018,3 +1018,53 @@ async fn daemonset_on_delete_replaces_only_deleted_pods() {
     .await;
     assert_eq!(status.updated_number_scheduled, Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collector_deletes_orphans_and_old_events_only() {
+    let h = start(Config {
+        gc_period: Duration::from_millis(200),
+        ..Config::default()
+    });
+    // A live owner's pods stay.
+    apply(&h.api, &replica_set("kept", "gc", 2)).await;
+    wait_for(Duration::from_secs(10), "2 owned pods", || async {
+        (list::<Pod>(&h.api, "Pod", "app=kept").await.len() == 2).then_some(())
+    })
+    .await;
+    // A pod whose controlling owner was never there (as after a crash in
+    // the middle of a cascade) goes.
+    apply(
+        &h.api,
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "orphan", "namespace": "gc", "labels": {"app": "lost"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "lost", "uid": "00000000-0000-4000-8000-000000000000", "controller": true}]},
+            "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}),
+    )
+    .await;
+    // An event two hours old goes; a fresh one stays.
+    let event = |name: &str, at: &str| {
+        json!({"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": "gc"},
+            "involvedObject": {"kind": "Pod", "namespace": "gc", "name": "x"},
+            "reason": "Test", "message": "m", "type": "Normal",
+            "firstTimestamp": at, "lastTimestamp": at, "count": 1})
+    };
+    let old = (meta::now() - k8s_openapi::jiff::SignedDuration::from_hours(2)).to_string();
+    apply(&h.api, &event("old", &old)).await;
+    apply(&h.api, &event("fresh", &now_string())).await;
+    wait_for(
+        Duration::from_secs(10),
+        "orphan and old event gone",
+        || async {
+            let orphan_gone = list::<Pod>(&h.api, "Pod", "app=lost").await.is_empty();
+            let events: Vec<k8s_openapi::api::core::v1::Event> = list(&h.api, "Event", "").await;
+            let old_gone = !events.iter().any(|e| meta::name(&e.metadata) == "old");
+            (orphan_gone && old_gone).then_some(())
+        },
+    )
+    .await;
+    let events: Vec<k8s_openapi::api::core::v1::Event> = list(&h.api, "Event", "").await;
+    assert!(events.iter().any(|e| meta::name(&e.metadata) == "fresh"));
+    assert_eq!(list::<Pod>(&h.api, "Pod", "app=kept").await.len(), 2);
+}
