@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use weir_proto::v1;
 
-use super::{Ctx, meta};
+use super::Ctx;
+use super::meta::{self, controller_of};
 use crate::api::Kind;
 use crate::store::Store;
 
@@ -47,15 +48,6 @@ pub(crate) fn start<S: Store>(
             }
         }
     })]
-}
-
-/// The controlling owner of an object, if it has one.
-pub fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
-    meta.owner_references
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|r| r.controller == Some(true))
 }
 
 /// Whether the owner `r` of an object in `namespace` is alive in the
@@ -227,24 +219,5 @@ mod tests {
         let created_only = json!({"metadata": {"creationTimestamp": "1970-01-01T00:00:10Z"}});
         assert_eq!(event_time(&created_only), Some(at(10)));
         assert_eq!(event_time(&json!({})), None);
-    }
-
-    #[test]
-    fn only_the_controlling_owner_counts() {
-        let owner = |controller: Option<bool>| OwnerReference {
-            api_version: "apps/v1".into(),
-            kind: "ReplicaSet".into(),
-            name: "web-1".into(),
-            uid: "u1".into(),
-            controller,
-            block_owner_deletion: None,
-        };
-        let mut m = ObjectMeta {
-            owner_references: Some(vec![owner(None), owner(Some(false))]),
-            ..Default::default()
-        };
-        assert!(controller_of(&m).is_none());
-        m.owner_references = Some(vec![owner(None), owner(Some(true))]);
-        assert_eq!(controller_of(&m).map(|r| r.uid.as_str()), Some("u1"));
     }
 }
