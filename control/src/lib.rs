@@ -9,6 +9,7 @@ pub mod api;
 pub mod controllers;
 pub mod events;
 pub mod leader;
+pub mod matching;
 pub mod nodes;
 pub mod scheduler;
 pub mod store;

@@ -8,14 +8,14 @@ use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::{
-    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodTemplateSpec, Taint, Toleration,
-};
+use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 use weir_proto::v1;
+
+use crate::matching;
 
 /// The alphabet of generated name suffixes and template hashes (no vowels,
 /// no look-alikes), as Kubernetes' `rand.String`.
@@ -135,125 +135,24 @@ pub fn selector_is_empty(selector: &LabelSelector) -> bool {
             .is_none_or(Vec::is_empty)
 }
 
-/// Whether `labels` satisfy a label selector.
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let by_labels = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    by_labels
-        && selector.match_expressions.iter().flatten().all(|e| {
-            let values = e.values.as_deref().unwrap_or_default();
-            let value = labels.get(&e.key);
-            match e.operator.as_str() {
-                "In" => value.is_some_and(|v| values.contains(v)),
-                "NotIn" => value.is_none_or(|v| !values.contains(v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
-            }
-        })
-}
-
-fn node_requirement_matches(req: &NodeSelectorRequirement, value: Option<&String>) -> bool {
-    let values = req.values.as_deref().unwrap_or_default();
-    let as_int = |s: &str| s.parse::<i64>().ok();
-    match req.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(|v| as_int(v)),
-                values.first().and_then(|b| as_int(b)),
-            ) else {
-                return false;
-            };
-            if req.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
-}
-
-/// Whether a node satisfies one node selector term (an empty term matches
-/// nothing, as in Kubernetes).
-pub fn node_term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
-    let exprs = term.match_expressions.as_deref().unwrap_or_default();
-    let fields = term.match_fields.as_deref().unwrap_or_default();
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    let labels = labels(&node.metadata);
-    let name = node.metadata.name.clone().unwrap_or_default();
-    exprs
-        .iter()
-        .all(|r| node_requirement_matches(r, labels.get(&r.key)))
-        && fields.iter().all(|r| {
-            let value = (r.key == "metadata.name").then_some(&name);
-            node_requirement_matches(r, value)
-        })
-}
-
 /// Whether a node satisfies a pod template's `nodeSelector` and required
 /// node affinity.
 pub fn node_selected(template: &PodTemplateSpec, node: &Node) -> bool {
-    let Some(spec) = &template.spec else {
-        return true;
-    };
-    let labels = labels(&node.metadata);
-    let by_selector = spec
-        .node_selector
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let required = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    by_selector
-        && required.is_none_or(|r| {
-            r.node_selector_terms
-                .iter()
-                .any(|t| node_term_matches(t, node))
-        })
-}
-
-/// Whether a toleration tolerates a taint (Kubernetes' `ToleratesTaint`).
-pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = toleration.effect.as_deref()
-        && !effect.is_empty()
-        && effect != taint.effect
-    {
-        return false;
-    }
-    let key = toleration.key.as_deref().unwrap_or_default();
-    if !key.is_empty() && key != taint.key {
-        return false;
-    }
-    match toleration.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => true,
-        "Equal" | "" => {
-            !key.is_empty()
-                && toleration.value.as_deref().unwrap_or_default()
-                    == taint.value.as_deref().unwrap_or_default()
-        }
-        _ => false,
-    }
+    template.spec.as_ref().is_none_or(|spec| {
+        matching::node_selected(
+            spec.node_selector.as_ref(),
+            spec.affinity.as_ref(),
+            name(&node.metadata),
+            labels(&node.metadata),
+        )
+    })
 }
 
 /// The first toleration among `tolerations` that tolerates `taint`.
 pub fn toleration_for<'a>(tolerations: &'a [Toleration], taint: &Taint) -> Option<&'a Toleration> {
-    tolerations.iter().find(|t| tolerates(t, taint))
+    tolerations
+        .iter()
+        .find(|t| matching::tolerates_taint(t, taint))
 }
 
 /// A pod's `Ready` condition, if reported.
@@ -433,39 +332,9 @@ pub fn seconds_between(from: Timestamp, to: Timestamp) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use serde_json::json;
 
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn selectors_match_labels_and_expressions() {
-        let sel = LabelSelector {
-            match_labels: Some(labels(&[("app", "web")])),
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: "tier".into(),
-                operator: "NotIn".into(),
-                values: Some(vec!["db".into()]),
-            }]),
-        };
-        assert!(selector_matches(&sel, &labels(&[("app", "web")])));
-        assert!(selector_matches(
-            &sel,
-            &labels(&[("app", "web"), ("tier", "fe")])
-        ));
-        assert!(!selector_matches(
-            &sel,
-            &labels(&[("app", "web"), ("tier", "db")])
-        ));
-        assert!(!selector_matches(&sel, &labels(&[("app", "api")])));
-    }
 
     #[test]
     fn percentages_round_like_kubernetes() {
@@ -480,38 +349,6 @@ mod tests {
         );
         assert!(scaled_value(Some(&pct("x")), "", 10, true).is_err());
         assert!(scaled_value(Some(&IntOrString::Int(-1)), "", 10, true).is_err());
-    }
-
-    #[test]
-    fn tolerations_follow_kubernetes_rules() {
-        let taint = Taint {
-            key: "node.kubernetes.io/unreachable".into(),
-            effect: "NoExecute".into(),
-            ..Default::default()
-        };
-        let exists_any = Toleration {
-            operator: Some("Exists".into()),
-            ..Default::default()
-        };
-        let by_key = Toleration {
-            key: Some("node.kubernetes.io/unreachable".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoExecute".into()),
-            ..Default::default()
-        };
-        let wrong_effect = Toleration {
-            effect: Some("NoSchedule".into()),
-            ..by_key.clone()
-        };
-        let equal_needs_value = Toleration {
-            key: Some("node.kubernetes.io/unreachable".into()),
-            value: Some("x".into()),
-            ..Default::default()
-        };
-        assert!(tolerates(&exists_any, &taint));
-        assert!(tolerates(&by_key, &taint));
-        assert!(!tolerates(&wrong_effect, &taint));
-        assert!(!tolerates(&equal_needs_value, &taint));
     }
 
     #[test]

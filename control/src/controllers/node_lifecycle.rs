@@ -23,6 +23,7 @@ use super::queue::WorkQueue;
 use super::{Action, Ctx, changed, drive, forward, meta};
 use crate::api::Kind;
 use crate::events::EventType;
+use crate::matching;
 use crate::store::Store;
 
 /// The event source of this controller.
@@ -236,7 +237,7 @@ pub fn eviction(pod: &Pod, taints: &[Taint], now: Timestamp) -> Eviction {
     for taint in taints.iter().filter(|t| t.effect == "NoExecute") {
         let matching: Vec<_> = tolerations
             .iter()
-            .filter(|t| meta::tolerates(t, taint))
+            .filter(|t| matching::tolerates_taint(t, taint))
             .collect();
         if matching.is_empty() {
             return Eviction::Now;

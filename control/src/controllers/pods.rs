@@ -12,6 +12,7 @@ use super::client::Error;
 use super::{Ctx, meta};
 use crate::api::Kind;
 use crate::events::EventType;
+use crate::matching;
 use crate::store::Store;
 
 /// Who owns the pods being managed, for owner references and events.
@@ -216,7 +217,7 @@ pub(crate) async fn claim_pods<S: Store>(
     let adoptable = |p: &Pod| {
         meta::controller_of(&p.metadata).is_none()
             && p.metadata.deletion_timestamp.is_none()
-            && meta::selector_matches(selector, meta::labels(&p.metadata))
+            && matching::selector_matches(selector, meta::labels(&p.metadata))
     };
     let orphans: Vec<Arc<Pod>> = ctx
         .pods

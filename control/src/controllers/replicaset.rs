@@ -20,6 +20,7 @@ use super::pods::{self, Owner};
 use super::queue::WorkQueue;
 use super::{Action, Ctx, changed, drive, forward, meta};
 use crate::api::Kind;
+use crate::matching;
 use crate::store::Store;
 
 /// The event source of this controller.
@@ -90,7 +91,7 @@ fn owners_of_pod(rs_cache: &cache::Cache<ReplicaSet>, pod: &Pod) -> Vec<String> 
             .iter()
             .filter(|rs| {
                 !meta::selector_is_empty(&rs.spec.selector)
-                    && meta::selector_matches(&rs.spec.selector, meta::labels(&pod.metadata))
+                    && matching::selector_matches(&rs.spec.selector, meta::labels(&pod.metadata))
             })
             .map(|rs| cache::key_of(&rs.metadata))
             .collect(),

@@ -6,14 +6,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::core::v1::{
-    NodeSelectorRequirement, NodeSelectorTerm, PodAffinityTerm, Taint, Toleration,
-};
+use k8s_openapi::api::core::v1::{PodAffinityTerm, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::Weights;
 use super::cache::{Cache, NodeState};
 use super::model::{NodeInfo, PodInfo, Readiness};
+use crate::matching;
 
 /// The taint a cordoned node is treated as having.
 pub const TAINT_UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
@@ -136,132 +135,26 @@ pub fn fit_message(total_nodes: usize, reasons: impl IntoIterator<Item = String>
     }
 }
 
-/// Whether `toleration` tolerates `taint` (Kubernetes' `ToleratesTaint`).
-pub fn tolerates(toleration: &Toleration, key: &str, value: &str, effect: &str) -> bool {
-    if let Some(e) = toleration.effect.as_deref().filter(|e| !e.is_empty())
-        && e != effect
-    {
-        return false;
-    }
-    if let Some(k) = toleration.key.as_deref().filter(|k| !k.is_empty())
-        && k != key
-    {
-        return false;
-    }
-    match toleration.operator.as_deref() {
-        Some("Exists") => true,
-        None | Some("" | "Equal") => toleration.value.as_deref().unwrap_or("") == value,
-        Some(_) => false,
-    }
-}
-
 fn tolerated(pod: &PodInfo, key: &str, value: &str, effect: &str) -> bool {
     pod.tolerations
         .iter()
-        .any(|t| tolerates(t, key, value, effect))
+        .any(|t| matching::tolerates(t, key, value, effect))
 }
 
 fn taint_tolerated(pod: &PodInfo, taint: &Taint) -> bool {
-    tolerated(
-        pod,
-        &taint.key,
-        taint.value.as_deref().unwrap_or(""),
-        &taint.effect,
-    )
-}
-
-/// Whether a label selector matches labels (`None` matches nothing, an
-/// empty selector everything, as in affinity terms).
-pub fn selector_matches(
-    selector: Option<&LabelSelector>,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> bool {
-    let Some(s) = selector else {
-        return false;
-    };
-    if let Some(ml) = &s.match_labels
-        && !ml.iter().all(|(k, v)| labels.get(k) == Some(v))
-    {
-        return false;
-    }
-    s.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        let got = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => got.is_some_and(|v| values.contains(v)),
-            "NotIn" => got.is_none_or(|v| !values.contains(v)),
-            "Exists" => got.is_some(),
-            "DoesNotExist" => got.is_none(),
-            _ => false,
-        }
-    })
-}
-
-fn requirement_matches(req: &NodeSelectorRequirement, value: Option<&String>) -> bool {
-    let values = req.values.as_deref().unwrap_or_default();
-    match req.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), [bound]) = (value, values) else {
-                return false;
-            };
-            let (Ok(v), Ok(bound)) = (v.parse::<i64>(), bound.parse::<i64>()) else {
-                return false;
-            };
-            if req.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
-}
-
-/// Whether a node selector term matches a node: every `matchExpressions`
-/// on labels and every `matchFields` (only `metadata.name`) holds; a term
-/// with neither matches nothing.
-pub fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
-    let exprs = term.match_expressions.as_deref().unwrap_or_default();
-    let fields = term.match_fields.as_deref().unwrap_or_default();
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    exprs
+    pod.tolerations
         .iter()
-        .all(|r| requirement_matches(r, node.labels.get(&r.key)))
-        && fields
-            .iter()
-            .all(|r| r.key == "metadata.name" && requirement_matches(r, Some(&node.name)))
+        .any(|t| matching::tolerates_taint(t, taint))
 }
 
 /// `nodeSelector` and required node affinity.
-pub fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
-    if !pod
-        .node_selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v))
-    {
-        return false;
-    }
-    let required = pod
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    match required {
-        None => true,
-        Some(sel) => sel
-            .node_selector_terms
-            .iter()
-            .any(|t| term_matches(t, node)),
-    }
+fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
+    matching::node_selected(
+        Some(&pod.node_selector),
+        pod.affinity.as_ref(),
+        &node.name,
+        &node.labels,
+    )
 }
 
 /// A pod affinity term resolved against the pod that carries it.
@@ -304,7 +197,10 @@ impl Term {
         self.namespaces
             .as_ref()
             .is_none_or(|n| n.contains(&pod.namespace))
-            && selector_matches(self.selector.as_ref(), &pod.labels)
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|s| matching::selector_matches(s, &pod.labels))
     }
 }
 
@@ -696,7 +592,7 @@ pub fn score(
             info(i).map_or(0, |n| {
                 terms
                     .iter()
-                    .filter(|t| term_matches(&t.preference, n))
+                    .filter(|t| matching::node_term_matches(&t.preference, &n.name, &n.labels))
                     .map(|t| i64::from(t.weight))
                     .sum()
             })
