@@ -16,11 +16,11 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::cache::{self, BY_OWNER, Change};
+use super::cache::BY_OWNER;
 use super::client::Error;
 use super::pods::{self, Owner};
 use super::queue::WorkQueue;
-use super::{Action, Ctx, changed, drive, forward, meta};
+use super::{Action, Ctx, all_keys, changed, drive, forward, forward_own, meta, queue_all};
 use crate::api::Kind;
 use crate::store::Store;
 
@@ -35,33 +35,13 @@ pub(crate) fn start<S: Store>(
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let queue = WorkQueue::new();
+    let from_ds = forward_own(&ctx.daemonsets, &queue, shutdown);
     let daemonsets = Arc::clone(&ctx.daemonsets);
-    let all = move || -> Vec<String> {
-        daemonsets
-            .list()
-            .iter()
-            .map(|ds| cache::key_of(&ds.metadata))
-            .collect()
-    };
-    let all_ds = all.clone();
-    let from_ds = forward(
-        ctx.daemonsets.subscribe(),
-        Arc::clone(&queue),
-        shutdown.clone(),
-        move |change| match change {
-            Change::Resync => all_ds(),
-            _ => changed(change)
-                .into_iter()
-                .map(|ds| cache::key_of(&ds.metadata))
-                .collect(),
-        },
-    );
-    let all_nodes = all.clone();
     let from_nodes = forward(
         ctx.nodes.subscribe(),
         Arc::clone(&queue),
         shutdown.clone(),
-        move |_| all_nodes(),
+        move |_| all_keys(&daemonsets),
     );
     let from_pods = forward(
         ctx.pods.subscribe(),
@@ -78,16 +58,10 @@ pub(crate) fn start<S: Store>(
                 .collect()
         },
     );
-    for key in all() {
-        queue.add(&key);
-    }
-    let worker = {
-        let ctx = Arc::clone(ctx);
-        drive(COMPONENT, queue, shutdown.clone(), move |key| {
-            let ctx = Arc::clone(&ctx);
-            async move { reconcile(&ctx, &key).await }
-        })
-    };
+    queue_all(&ctx.daemonsets, &queue);
+    let worker = drive(COMPONENT, ctx, queue, shutdown, |ctx, key| async move {
+        reconcile(&ctx, &key).await
+    });
     vec![from_ds, from_nodes, from_pods, worker]
 }
 

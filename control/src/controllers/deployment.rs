@@ -26,7 +26,7 @@ use super::cache::{self, BY_OWNER, Change};
 use super::client::Error;
 use super::meta::{self, TEMPLATE_HASH_LABEL};
 use super::queue::WorkQueue;
-use super::{Action, Ctx, changed, drive, forward};
+use super::{Action, Ctx, all_keys, changed, drive, forward, forward_own, queue_all};
 use crate::api::Kind;
 use crate::events::EventType;
 use crate::store::Store;
@@ -42,34 +42,14 @@ pub(crate) fn start<S: Store>(
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let queue = WorkQueue::new();
+    let from_deployments = forward_own(&ctx.deployments, &queue, shutdown);
     let deployments = Arc::clone(&ctx.deployments);
-    let all = move || -> Vec<String> {
-        deployments
-            .list()
-            .iter()
-            .map(|d| cache::key_of(&d.metadata))
-            .collect()
-    };
-    let all_d = all.clone();
-    let from_deployments = forward(
-        ctx.deployments.subscribe(),
-        Arc::clone(&queue),
-        shutdown.clone(),
-        move |change| match change {
-            Change::Resync => all_d(),
-            _ => changed(change)
-                .into_iter()
-                .map(|d| cache::key_of(&d.metadata))
-                .collect(),
-        },
-    );
-    let all_rs = all.clone();
     let from_rs = forward(
         ctx.replicasets.subscribe(),
         Arc::clone(&queue),
         shutdown.clone(),
         move |change| match change {
-            Change::Resync => all_rs(),
+            Change::Resync => all_keys(&deployments),
             _ => changed(change)
                 .into_iter()
                 .filter_map(|rs| owner_key(&rs.metadata))
@@ -88,16 +68,10 @@ pub(crate) fn start<S: Store>(
                 .collect()
         },
     );
-    for key in all() {
-        queue.add(&key);
-    }
-    let worker = {
-        let ctx = Arc::clone(ctx);
-        drive(COMPONENT, queue, shutdown.clone(), move |key| {
-            let ctx = Arc::clone(&ctx);
-            async move { reconcile(&ctx, &key).await }
-        })
-    };
+    queue_all(&ctx.deployments, &queue);
+    let worker = drive(COMPONENT, ctx, queue, shutdown, |ctx, key| async move {
+        reconcile(&ctx, &key).await
+    });
     vec![from_deployments, from_rs, from_pods, worker]
 }
 

@@ -218,23 +218,27 @@ pub async fn run<S: Store>(
 
 /// Runs one controller's worker: takes keys off `queue` and reconciles
 /// them one at a time until shutdown.
-fn drive<F, Fut>(
+fn drive<S, F, Fut>(
     name: &'static str,
+    ctx: &Arc<Ctx<S>>,
     queue: Arc<WorkQueue>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: &watch::Receiver<bool>,
     reconcile: F,
 ) -> JoinHandle<()>
 where
-    F: Fn(String) -> Fut + Send + 'static,
+    S: Store,
+    F: Fn(Arc<Ctx<S>>, String) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send,
 {
+    let ctx = Arc::clone(ctx);
+    let mut shutdown = shutdown.clone();
     tokio::spawn(async move {
         loop {
             let key = tokio::select! {
                 key = queue.next() => key,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            let result = reconcile(key.clone()).await;
+            let result = reconcile(Arc::clone(&ctx), key.clone()).await;
             queue.done(&key);
             match result {
                 Ok(action) => {
@@ -289,4 +293,42 @@ fn changed<K>(change: &Change<K>) -> Vec<&Arc<K>> {
         Change::Delete(object) => vec![object],
         Change::Resync => Vec::new(),
     }
+}
+
+/// The keys of every object in `cache`.
+fn all_keys<K: cache::Object>(cache: &Cache<K>) -> Vec<String> {
+    cache
+        .list()
+        .iter()
+        .map(|object| cache::key_of(object.metadata()))
+        .collect()
+}
+
+/// Queues every object in `cache`.
+fn queue_all<K: cache::Object>(cache: &Cache<K>, queue: &WorkQueue) {
+    for key in all_keys(cache) {
+        queue.add(&key);
+    }
+}
+
+/// Feeds a controller's own kind to its queue: the key of each object that
+/// changes, every key on a resync.
+fn forward_own<K: cache::Object>(
+    cache: &Arc<Cache<K>>,
+    queue: &Arc<WorkQueue>,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let all = Arc::clone(cache);
+    forward(
+        cache.subscribe(),
+        Arc::clone(queue),
+        shutdown.clone(),
+        move |change| match change {
+            Change::Resync => all_keys(&all),
+            _ => changed(change)
+                .into_iter()
+                .map(|object| cache::key_of(object.metadata()))
+                .collect(),
+        },
+    )
 }

@@ -86,15 +86,11 @@ pub(crate) fn start<S: Store>(
             }
         })
     };
-    let worker = {
-        let ctx = Arc::clone(ctx);
-        let probes = Arc::new(Probes::default());
-        drive(COMPONENT, queue, shutdown.clone(), move |key| {
-            let ctx = Arc::clone(&ctx);
-            let probes = Arc::clone(&probes);
-            async move { reconcile(&ctx, &probes, &key).await }
-        })
-    };
+    let probes = Arc::new(Probes::default());
+    let worker = drive(COMPONENT, ctx, queue, shutdown, move |ctx, key| {
+        let probes = Arc::clone(&probes);
+        async move { reconcile(&ctx, &probes, &key).await }
+    });
     vec![from_nodes, from_pods, ticker, worker]
 }
 

@@ -18,7 +18,7 @@ use super::cache::{self, Change};
 use super::client::Error;
 use super::pods::{self, Owner};
 use super::queue::WorkQueue;
-use super::{Action, Ctx, changed, drive, forward, meta};
+use super::{Action, Ctx, changed, drive, forward, forward_own, meta, queue_all};
 use crate::api::Kind;
 use crate::matching;
 use crate::store::Store;
@@ -32,23 +32,7 @@ pub(crate) fn start<S: Store>(
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let queue = WorkQueue::new();
-    let rs_cache = Arc::clone(&ctx.replicasets);
-    let from_rs = forward(
-        ctx.replicasets.subscribe(),
-        Arc::clone(&queue),
-        shutdown.clone(),
-        move |change| match change {
-            Change::Resync => rs_cache
-                .list()
-                .iter()
-                .map(|rs| cache::key_of(&rs.metadata))
-                .collect(),
-            _ => changed(change)
-                .into_iter()
-                .map(|rs| cache::key_of(&rs.metadata))
-                .collect(),
-        },
-    );
+    let from_rs = forward_own(&ctx.replicasets, &queue, shutdown);
     let rs_cache = Arc::clone(&ctx.replicasets);
     let from_pods = forward(
         ctx.pods.subscribe(),
@@ -63,20 +47,10 @@ pub(crate) fn start<S: Store>(
         },
     );
     queue_all(&ctx.replicasets, &queue);
-    let worker = {
-        let ctx = Arc::clone(ctx);
-        drive(COMPONENT, queue, shutdown.clone(), move |key| {
-            let ctx = Arc::clone(&ctx);
-            async move { reconcile(&ctx, &key).await }
-        })
-    };
+    let worker = drive(COMPONENT, ctx, queue, shutdown, |ctx, key| async move {
+        reconcile(&ctx, &key).await
+    });
     vec![from_rs, from_pods, worker]
-}
-
-fn queue_all<K: cache::Object>(cache: &cache::Cache<K>, queue: &WorkQueue) {
-    for object in cache.list() {
-        queue.add(&cache::key_of(object.metadata()));
-    }
 }
 
 /// The `ReplicaSets` a pod change concerns: its controller if that is a
