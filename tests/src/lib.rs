@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod api;
 pub mod etcd;
 
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -8,154 +8,12 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tonic::transport::Channel;
-use weir_proto::v1::{self, objects_client::ObjectsClient};
+use weir_tests::api::{Api, condition_status, heartbeat, uid};
 use weir_tests::{ControlCluster, Node, wait_for};
 
 const START: Duration = Duration::from_mins(1);
 /// Short heartbeats, so a stopped one shows within a few seconds.
 const CONTROL_ARGS: &[&str] = &["--heartbeat-interval", "1s"];
-
-/// A blocking Objects client (the harness's waits are blocking).
-struct Api {
-    rt: tokio::runtime::Runtime,
-    client: ObjectsClient<Channel>,
-}
-
-impl Api {
-    fn connect(url: &str) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let client = {
-            let _guard = rt.enter();
-            let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(5))
-                .connect_lazy();
-            ObjectsClient::new(channel)
-        };
-        Ok(Self { rt, client })
-    }
-
-    fn apply(&self, manifest: &Value) -> anyhow::Result<v1::Object> {
-        let mut c = self.client.clone();
-        let r = self.rt.block_on(c.apply(v1::ApplyRequest {
-            manifest_json: manifest.to_string(),
-            field_manager: "e2e".into(),
-        }))?;
-        r.into_inner()
-            .object
-            .ok_or_else(|| anyhow::anyhow!("apply returned no object"))
-    }
-
-    /// An object's JSON, or None if it does not exist (or the control is
-    /// unreachable).
-    fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let mut c = self.client.clone();
-        let o = self
-            .rt
-            .block_on(c.get(v1::ObjectRef {
-                api_version: String::new(),
-                kind: kind.into(),
-                namespace: namespace.into(),
-                name: name.into(),
-            }))
-            .ok()?
-            .into_inner();
-        serde_json::from_str(&o.json).ok()
-    }
-
-    fn not_found(&self, kind: &str, namespace: &str, name: &str) -> bool {
-        let mut c = self.client.clone();
-        let r = self.rt.block_on(c.get(v1::ObjectRef {
-            api_version: String::new(),
-            kind: kind.into(),
-            namespace: namespace.into(),
-            name: name.into(),
-        }));
-        matches!(r, Err(s) if s.code() == tonic::Code::NotFound)
-    }
-
-    fn list(&self, kind: &str, namespace: &str) -> anyhow::Result<Vec<Value>> {
-        let mut c = self.client.clone();
-        let r = self.rt.block_on(c.list(v1::ListRequest {
-            kind: kind.into(),
-            namespace: namespace.into(),
-            ..Default::default()
-        }))?;
-        Ok(r.into_inner()
-            .items
-            .iter()
-            .filter_map(|o| serde_json::from_str(&o.json).ok())
-            .collect())
-    }
-
-    fn delete(&self, kind: &str, namespace: &str, name: &str) -> anyhow::Result<()> {
-        let mut c = self.client.clone();
-        self.rt.block_on(c.delete(v1::DeleteRequest {
-            r#ref: Some(v1::ObjectRef {
-                api_version: String::new(),
-                kind: kind.into(),
-                namespace: namespace.into(),
-                name: name.into(),
-            }),
-            ..Default::default()
-        }))?;
-        Ok(())
-    }
-
-    /// Waits until pod `name` (namespace default) satisfies `f`.
-    fn wait_pod(
-        &self,
-        name: &str,
-        what: &str,
-        limit: Duration,
-        f: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<Value> {
-        wait_for(&format!("pod {name} in the control: {what}"), limit, || {
-            self.get("Pod", "default", name).filter(|p| f(p))
-        })
-        .map_err(|e| {
-            let last = self
-                .get("Pod", "default", name)
-                .map(|p| p["status"].to_string())
-                .unwrap_or_default();
-            e.context(format!("last status: {last}"))
-        })
-    }
-
-    /// Waits until the control has pod `name` Running and Ready with an IP.
-    fn wait_running(&self, name: &str, limit: Duration) -> anyhow::Result<(Value, Ipv4Addr)> {
-        let p = self.wait_pod(name, "Running and Ready with a podIP", limit, |p| {
-            p["status"]["phase"] == "Running"
-                && p["status"]["podIP"].is_string()
-                && ready(p, "Ready") == "True"
-        })?;
-        let ip = p["status"]["podIP"].as_str().unwrap_or_default().parse()?;
-        Ok((p, ip))
-    }
-}
-
-/// The status of condition `kind` of an object.
-fn ready(o: &Value, kind: &str) -> String {
-    o["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == kind))
-        .and_then(|c| c["status"].as_str())
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn heartbeat_time(node: &Value) -> String {
-    node["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-        .and_then(|c| c["lastHeartbeatTime"].as_str())
-        .unwrap_or_default()
-        .to_owned()
-}
 
 /// A busybox HTTP server pod bound to `node` (the scheduler's job, done by
 /// hand here).
@@ -196,10 +54,6 @@ fn wget_from_pod(node: &Node, uid: &str, ip: Ipv4Addr, port: u16) -> anyhow::Res
     )
 }
 
-fn uid(o: &Value) -> String {
-    o["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
-}
-
 /// Waits until both nodes are Ready in the control; returns their Node objects.
 fn wait_nodes_ready(api: &Api, c: &mut ControlCluster) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
@@ -210,7 +64,7 @@ fn wait_nodes_ready(api: &Api, c: &mut ControlCluster) -> anyhow::Result<Vec<Val
             Duration::from_secs(30),
             || {
                 api.get("Node", "", &name)
-                    .filter(|n| ready(n, "Ready") == "True")
+                    .filter(|n| condition_status(n, "Ready") == "True")
             },
         )?);
     }
@@ -301,7 +155,7 @@ fn agents_register_run_their_pods_report_status_and_pods_talk_across_nodes() -> 
 
     // kubelet events for the pod, through the Objects API.
     let started = wait_for("a Started event for web1", Duration::from_secs(20), || {
-        api.list("Event", "default")
+        api.list("Event", "default", "")
             .ok()?
             .into_iter()
             .find(|e| e["involvedObject"]["uid"] == uid(&p1).as_str() && e["reason"] == "Started")
@@ -400,12 +254,12 @@ fn pods_outlive_agent_and_control_restarts_and_marked_pods_are_removed() -> anyh
     c.node(0).kill_agent();
     assert_eq!(probe(&c)?, "still-here");
     let beat = wait_for("a heartbeat time", Duration::from_secs(5), || {
-        api.get("Node", "", &n1).map(|n| heartbeat_time(&n))
+        api.get("Node", "", &n1).map(|n| heartbeat(&n))
     })?;
     std::thread::sleep(Duration::from_millis(3500));
     let node1 = api.get("Node", "", &n1).expect("node 1 exists");
     assert_eq!(
-        heartbeat_time(&node1),
+        heartbeat(&node1),
         beat,
         "heartbeats went on without the agent"
     );
@@ -414,8 +268,7 @@ fn pods_outlive_agent_and_control_restarts_and_marked_pods_are_removed() -> anyh
     // Restart it: same pod, no restart, heartbeats and statuses flow again.
     c.start_agent(0)?;
     wait_for("heartbeats again", Duration::from_secs(10), || {
-        api.get("Node", "", &n1)
-            .filter(|n| heartbeat_time(n) != beat)
+        api.get("Node", "", &n1).filter(|n| heartbeat(n) != beat)
     })?;
     let p = c
         .node(0)
@@ -471,7 +324,7 @@ fn pods_outlive_agent_and_control_restarts_and_marked_pods_are_removed() -> anyh
     })?;
     // Stopped because of the mark (the agent's Killing event says so).
     let killing = api
-        .list("Event", "default")?
+        .list("Event", "default", "")?
         .into_iter()
         .find(|e| e["involvedObject"]["uid"] == uid(&late).as_str() && e["reason"] == "Killing");
     assert!(killing.is_some(), "no Killing event for late");

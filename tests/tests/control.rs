@@ -128,16 +128,7 @@ async fn applied_objects_survive_a_sigkill_of_weir_control() -> anyhow::Result<(
 
 /// Runs weirctl against `server`; returns (success, stdout, stderr).
 fn weirctl(server: SocketAddr, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(weir_tests::weirctl_bin())
-        .arg("--server")
-        .arg(format!("http://{server}"))
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    weir_tests::weirctl(&format!("http://{server}"), args, None)
 }
 
 #[test]

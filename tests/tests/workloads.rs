@@ -17,8 +17,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
-use weir_proto::v1::{self, objects_client::ObjectsClient};
+use weir_tests::api::{Api, condition, condition_status, heartbeat, name, uid};
 use weir_tests::{ControlCluster, http_get_in, wait_for};
 
 /// Short heartbeats and node grace, so a dead agent shows within seconds.
@@ -37,77 +36,6 @@ const START: Duration = Duration::from_secs(90);
 /// The web pods' port.
 const PORT: u16 = 8080;
 
-/// A blocking Objects client (the harness's waits are blocking).
-struct Api {
-    rt: tokio::runtime::Runtime,
-    client: ObjectsClient<Channel>,
-}
-
-impl Api {
-    fn connect(url: &str) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let client = {
-            let _guard = rt.enter();
-            let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(5))
-                .connect_lazy();
-            ObjectsClient::new(channel)
-        };
-        Ok(Self { rt, client })
-    }
-
-    /// An object's JSON, or None if it does not exist (or the control is
-    /// unreachable).
-    fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let mut c = self.client.clone();
-        let o = self
-            .rt
-            .block_on(c.get(v1::ObjectRef {
-                api_version: String::new(),
-                kind: kind.into(),
-                namespace: namespace.into(),
-                name: name.into(),
-            }))
-            .ok()?
-            .into_inner();
-        serde_json::from_str(&o.json).ok()
-    }
-
-    fn list(&self, kind: &str, namespace: &str, selector: &str) -> anyhow::Result<Vec<Value>> {
-        let mut c = self.client.clone();
-        let r = self.rt.block_on(c.list(v1::ListRequest {
-            kind: kind.into(),
-            namespace: namespace.into(),
-            label_selector: selector.into(),
-        }))?;
-        Ok(r.into_inner()
-            .items
-            .iter()
-            .filter_map(|o| serde_json::from_str(&o.json).ok())
-            .collect())
-    }
-
-    /// Pods in `default` matching `selector` (terminating ones too).
-    fn pods(&self, selector: &str) -> anyhow::Result<Vec<Value>> {
-        self.list("Pod", "default", selector)
-    }
-}
-
-fn name(o: &Value) -> String {
-    o["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn uid(o: &Value) -> String {
-    o["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
-}
-
 fn node_of(p: &Value) -> String {
     p["spec"]["nodeName"]
         .as_str()
@@ -121,21 +49,6 @@ fn terminating(p: &Value) -> bool {
 
 fn pod_ip(p: &Value) -> Option<Ipv4Addr> {
     p["status"]["podIP"].as_str()?.parse().ok()
-}
-
-/// The status of condition `kind` of an object.
-fn condition<'a>(o: &'a Value, kind: &str) -> Option<&'a Value> {
-    o["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == kind)
-}
-
-fn condition_status(o: &Value, kind: &str) -> String {
-    condition(o, kind)
-        .and_then(|c| c["status"].as_str())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 fn running_ready(p: &Value) -> bool {
@@ -205,13 +118,6 @@ fn wait_nodes_ready(api: &Api, names: &[String]) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
-}
-
-fn heartbeat(node: &Value) -> String {
-    condition(node, "Ready")
-        .and_then(|c| c["lastHeartbeatTime"].as_str())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// A Deployment of busybox httpd pods answering `web-<version>` on
