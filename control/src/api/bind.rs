@@ -2,7 +2,6 @@
 //! subresource): one compare-and-swap write of `spec.nodeName`, plus the
 //! `PodScheduled=True` condition the API server sets on a binding.
 
-use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value, json};
 use weir_proto::v1;
 
@@ -41,11 +40,7 @@ impl<S: Store> ObjectsApi<S> {
             namespace
         };
         for _ in 0..WRITE_ATTEMPTS {
-            let kv = self
-                .store
-                .get(&target.key)
-                .await?
-                .ok_or_else(|| target.not_found())?;
+            let kv = self.stored(&target).await?;
             let mut doc = match serde_json::from_slice::<Value>(&kv.value) {
                 Ok(Value::Object(map)) => map,
                 Ok(_) => {
@@ -126,7 +121,7 @@ fn set_node(doc: &mut Map<String, Value>, node: &str) {
     if let Some(spec) = spec.as_object_mut() {
         spec.insert("nodeName".to_owned(), Value::from(node));
     }
-    let now = now_rfc3339();
+    let now = super::now().to_string();
     let status = doc.entry("status").or_insert_with(|| json!({}));
     if !status.is_object() {
         *status = json!({});
@@ -147,15 +142,4 @@ fn set_node(doc: &mut Map<String, Value>, node: &str) {
             "lastTransitionTime": now,
         }));
     }
-}
-
-/// The current time, to the second, as Kubernetes writes it.
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    Timestamp::from_second(i64::try_from(secs).unwrap_or(i64::MAX))
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_string()
 }

@@ -124,11 +124,7 @@ impl<S: Store> ObjectsApi<S> {
     }
 
     async fn read(&self, target: &Target) -> Result<Found, ApiError> {
-        let kv = self
-            .store
-            .get(&target.key)
-            .await?
-            .ok_or_else(|| target.not_found())?;
+        let kv = self.stored(target).await?;
         Ok(Found {
             kind: target.kind,
             key: target.key.clone(),

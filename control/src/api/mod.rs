@@ -35,9 +35,10 @@ use weir_proto::v1::objects_server::{Objects, ObjectsServer};
 pub use self::kinds::Kind;
 use self::kinds::Validated;
 pub use self::namespaces::SYSTEM_NAMESPACES;
+pub use self::object::now;
 use self::object::{Stored, labels_of};
 pub use self::selector::{Selector, SelectorError};
-use crate::store::{Compare, Event, EventKind, Store, StoreError};
+use crate::store::{Compare, Event, EventKind, KeyValue, Store, StoreError};
 
 /// How often a write is retried when another writer changed the object
 /// between our read and our compare-and-swap.
@@ -130,6 +131,14 @@ impl<S: Store> ObjectsApi<S> {
     /// The store under the API.
     pub fn store(&self) -> &Arc<S> {
         &self.store
+    }
+
+    /// The stored object `target` names, or `NotFound`.
+    async fn stored(&self, target: &Target) -> Result<KeyValue, ApiError> {
+        self.store
+            .get(&target.key)
+            .await?
+            .ok_or_else(|| target.not_found())
     }
 }
 
@@ -265,11 +274,7 @@ impl<S: Store> ObjectsApi<S> {
             .map_err(|e| ApiError::Invalid(format!("status_json: invalid JSON: {e}")))?;
         target.kind.check_status(&status)?;
         for _ in 0..WRITE_ATTEMPTS {
-            let kv = self
-                .store
-                .get(&target.key)
-                .await?
-                .ok_or_else(|| target.not_found())?;
+            let kv = self.stored(&target).await?;
             if req.resource_version != 0 && req.resource_version != kv.mod_revision {
                 return Err(target.conflict());
             }
@@ -295,11 +300,7 @@ impl<S: Store> ObjectsApi<S> {
     /// Reads one object.
     pub async fn get(&self, r: &v1::ObjectRef) -> Result<v1::Object, ApiError> {
         let target = Target::resolve(Some(r))?;
-        let kv = self
-            .store
-            .get(&target.key)
-            .await?
-            .ok_or_else(|| target.not_found())?;
+        let kv = self.stored(&target).await?;
         Ok(Stored::decode(&kv)?.to_object(kv.mod_revision))
     }
 

@@ -16,9 +16,8 @@ mod tests;
 pub mod watch;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 use weir_proto::v1;
@@ -117,17 +116,6 @@ pub fn service<S: Store>(
     NodesServer::new(NodesService::new(api, cfg))
 }
 
-/// Now, as Kubernetes writes times (RFC 3339, whole seconds).
-fn now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    Timestamp::from_second(i64::try_from(secs).unwrap_or(i64::MAX))
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_string()
-}
-
 fn node_ref(name: &str) -> v1::ObjectRef {
     v1::ObjectRef {
         api_version: "v1".to_owned(),
@@ -217,7 +205,7 @@ impl<S: Store> NodesService<S> {
         let _one_at_a_time = self.register.lock().await;
         let pod_cidr = self.write_spec(req).await?;
         self.write_status(&req.node_name, |stored| {
-            node::registered_status(req, stored, &now())
+            node::registered_status(req, stored, &crate::api::now().to_string())
         })
         .await?;
         tracing::info!(node = %req.node_name, %pod_cidr, address = %req.address, "node registered");
@@ -236,7 +224,7 @@ impl<S: Store> NodesService<S> {
         check_node_name(&req.node_name)?;
         self.write_status(&req.node_name, |stored| {
             let mut status = stored.cloned().unwrap_or(Value::Null);
-            node::set_ready(&mut status, &now());
+            node::set_ready(&mut status, &crate::api::now().to_string());
             if let Some(c) = &req.capacity {
                 status["capacity"] = node::resources(c);
             }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use weir_proto::v1;
@@ -482,7 +481,7 @@ pub(super) fn unschedulable_status(
         .filter(|s| s.is_object())
         .cloned()
         .unwrap_or_else(|| json!({}));
-    let now = now_rfc3339();
+    let now = crate::api::now().to_string();
     let mut conditions: Vec<Value> = status["conditions"].as_array().cloned().unwrap_or_default();
     let previous = conditions
         .iter()
@@ -636,15 +635,4 @@ async fn inform<S: Store>(
         }
         tokio::time::sleep(RELIST_DELAY).await;
     }
-}
-
-/// The current time, to the second, as Kubernetes writes it.
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    Timestamp::from_second(i64::try_from(secs).unwrap_or(i64::MAX))
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_string()
 }
