@@ -47,16 +47,17 @@ fn start(config: Config) -> Harness {
     }
 }
 
+/// Applies `doc` after its namespace.
 async fn apply(api: &Api, doc: &Value) -> v1::Object {
     if let Some(ns) = doc["metadata"]["namespace"].as_str() {
         let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-        api.apply(&v1::ApplyRequest {
-            manifest_json: namespace.to_string(),
-            field_manager: "test".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create namespace {ns}: {e}"));
+        apply_one(api, &namespace).await;
     }
+    apply_one(api, doc).await
+}
+
+/// Applies `doc` alone (as field manager `test`).
+pub(super) async fn apply_one(api: &ObjectsApi<RedbStore>, doc: &Value) -> v1::Object {
     api.apply(&v1::ApplyRequest {
         manifest_json: doc.to_string(),
         field_manager: "test".into(),
@@ -81,7 +82,12 @@ async fn list<K: DeserializeOwned>(api: &Api, kind: &str, selector: &str) -> Vec
     .collect()
 }
 
-async fn get<K: DeserializeOwned>(api: &Api, kind: &str, ns: &str, name: &str) -> Option<K> {
+pub(super) async fn get<K: DeserializeOwned>(
+    api: &ObjectsApi<RedbStore>,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Option<K> {
     let r = v1::ObjectRef {
         api_version: String::new(),
         kind: kind.into(),

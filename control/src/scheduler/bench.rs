@@ -26,6 +26,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use weir_proto::v1;
 
+use super::testutil::set_node_ready;
 use super::{Config, Stats, run_with_stats};
 use crate::api::ObjectsApi;
 use crate::store::{EtcdStore, RedbStore, Store};
@@ -115,21 +116,7 @@ async fn create_nodes<S: Store>(api: &ObjectsApi<S>, nodes: usize) {
             })
             .await
             .unwrap();
-            let resources = json!({"cpu": "4", "memory": "32Gi", "pods": "110"});
-            api.update_status(&v1::UpdateStatusRequest {
-                r#ref: Some(v1::ObjectRef {
-                    api_version: "v1".into(),
-                    kind: "Node".into(),
-                    namespace: String::new(),
-                    name,
-                }),
-                status_json: json!({"capacity": resources, "allocatable": resources,
-                    "conditions": [{"type": "Ready", "status": "True"}]})
-                .to_string(),
-                resource_version: 0,
-            })
-            .await
-            .unwrap();
+            set_node_ready(api, &name, "4", "32Gi").await;
         })
         .buffer_unordered(CLIENTS)
         .collect::<Vec<()>>()

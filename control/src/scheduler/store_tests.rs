@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use weir_proto::v1;
 
+use super::testutil::set_node_ready;
 use super::{Config, run};
 use crate::api::ObjectsApi;
 use crate::store::RedbStore;
@@ -92,22 +93,7 @@ impl Cluster {
         self.apply(&json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": all_labels}, "spec": spec}))
             .await;
-        let resources = json!({"cpu": cpu, "memory": "8Gi", "pods": "110"});
-        self.api
-            .update_status(&v1::UpdateStatusRequest {
-                r#ref: Some(v1::ObjectRef {
-                    api_version: "v1".into(),
-                    kind: "Node".into(),
-                    namespace: String::new(),
-                    name: name.into(),
-                }),
-                status_json: json!({"capacity": resources, "allocatable": resources,
-                    "conditions": [{"type": "Ready", "status": "True"}]})
-                .to_string(),
-                resource_version: 0,
-            })
-            .await
-            .unwrap();
+        set_node_ready(&self.api, name, cpu, "8Gi").await;
     }
 
     /// A pod asking for `cpu`; `meta` and `spec` merged into the manifest.

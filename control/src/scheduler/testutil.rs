@@ -2,8 +2,33 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::json;
+use weir_proto::v1;
+
 use super::model::{NodeInfo, PodInfo, Readiness, Resources};
 use super::plugins::HOSTNAME_LABEL;
+use crate::api::ObjectsApi;
+use crate::store::Store;
+
+/// Writes node `name`'s status as its agent would: Ready, with `cpu`
+/// cores, `memory` and 110 pods as capacity and allocatable.
+pub async fn set_node_ready<S: Store>(api: &ObjectsApi<S>, name: &str, cpu: &str, memory: &str) {
+    let resources = json!({"cpu": cpu, "memory": memory, "pods": "110"});
+    api.update_status(&v1::UpdateStatusRequest {
+        r#ref: Some(v1::ObjectRef {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: name.into(),
+        }),
+        status_json: json!({"capacity": resources, "allocatable": resources,
+            "conditions": [{"type": "Ready", "status": "True"}]})
+        .to_string(),
+        resource_version: 0,
+    })
+    .await
+    .unwrap();
+}
 
 /// A Ready node with `cpu` millicores, `memory` bytes, 110 pods and the
 /// hostname label.

@@ -4,6 +4,7 @@ use k8s_openapi::api::apps::v1::{DeploymentStrategy, RollingUpdateDeployment};
 use serde_json::json;
 
 use super::*;
+use crate::controllers::tests::{apply_one, get};
 
 fn c(replicas: i32, pods: i32, available: i32) -> Counts {
     Counts {
@@ -304,7 +305,7 @@ async fn fresh_ctx(ns: &str) -> (tempfile::TempDir, Arc<Ctx<crate::store::RedbSt
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(crate::store::RedbStore::open(dir.path().join("store.redb")).unwrap());
     let api = Arc::new(crate::api::ObjectsApi::new(store));
-    apply(
+    apply_one(
         &api,
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
     )
@@ -313,34 +314,13 @@ async fn fresh_ctx(ns: &str) -> (tempfile::TempDir, Arc<Ctx<crate::store::RedbSt
     (dir, ctx)
 }
 
-async fn apply(
-    api: &crate::api::ObjectsApi<crate::store::RedbStore>,
-    doc: &serde_json::Value,
-) -> weir_proto::v1::Object {
-    api.apply(&weir_proto::v1::ApplyRequest {
-        manifest_json: doc.to_string(),
-        field_manager: "test".into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("apply {doc}: {e}"))
-    .object
-    .unwrap()
-}
-
 async fn stored<K: serde::de::DeserializeOwned>(
     ctx: &Ctx<crate::store::RedbStore>,
     kind: &str,
     ns: &str,
     name: &str,
 ) -> K {
-    let r = weir_proto::v1::ObjectRef {
-        api_version: String::new(),
-        kind: kind.into(),
-        namespace: ns.into(),
-        name: name.into(),
-    };
-    let object = ctx.client.api().get(&r).await.unwrap();
-    serde_json::from_str(&object.json).unwrap()
+    get(ctx.client.api(), kind, ns, name).await.unwrap()
 }
 
 fn deployment(replicas: i32, labels: &serde_json::Value) -> serde_json::Value {
@@ -362,11 +342,11 @@ fn deployment(replicas: i32, labels: &serde_json::Value) -> serde_json::Value {
 async fn annotating_a_stale_deployment_keeps_a_concurrent_user_change() {
     let (_dir, ctx) = fresh_ctx("conc").await;
     let api = Arc::clone(ctx.client.api());
-    let read = apply(&api, &deployment(2, &json!({}))).await;
+    let read = apply_one(&api, &deployment(2, &json!({}))).await;
     // The controller's view, about to go stale.
     ctx.deployments.observe(&read);
     // The user scales and labels the Deployment after the controller read it.
-    apply(&api, &deployment(5, &json!({"team": "a"}))).await;
+    apply_one(&api, &deployment(5, &json!({"team": "a"}))).await;
 
     // The reconcile creates the ReplicaSet and annotates the Deployment
     // with its revision: a compare-and-swap on the stale version that
@@ -403,7 +383,7 @@ async fn annotating_a_stale_deployment_keeps_a_concurrent_user_change() {
 async fn scaling_a_stale_replica_set_keeps_a_concurrent_change() {
     let (_dir, ctx) = fresh_ctx("conc").await;
     let api = Arc::clone(ctx.client.api());
-    let read = apply(&api, &deployment(3, &json!({}))).await;
+    let read = apply_one(&api, &deployment(3, &json!({}))).await;
     ctx.deployments.observe(&read);
     reconcile(&ctx, "conc/web").await.unwrap();
     let rs = ctx.replicasets.list().pop().expect("a ReplicaSet");
@@ -415,9 +395,9 @@ async fn scaling_a_stale_replica_set_keeps_a_concurrent_change() {
         .as_object_mut()
         .unwrap()
         .remove("resourceVersion");
-    apply(&api, &doc).await;
+    apply_one(&api, &doc).await;
     // The Deployment is scaled; the controller scales its stale RS.
-    let read = apply(&api, &deployment(4, &json!({}))).await;
+    let read = apply_one(&api, &deployment(4, &json!({}))).await;
     ctx.deployments.observe(&read);
     reconcile(&ctx, "conc/web").await.unwrap();
     let rs: ReplicaSet = stored(&ctx, "ReplicaSet", "conc", &rs_name).await;
