@@ -14,9 +14,7 @@
 //! before it starts), `WEIR_BENCH_LIMIT_S`
 //! (600, per run).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,6 +27,7 @@ use weir_proto::v1;
 use super::testutil::set_node_ready;
 use super::{Config, Stats, run_with_stats};
 use crate::api::ObjectsApi;
+use crate::store::etcd::tests::Etcd;
 use crate::store::{EtcdStore, RedbStore, Store};
 
 /// Writes in flight while creating nodes and pods.
@@ -38,68 +37,17 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private etcd, killed and removed on drop.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("/usr/bin/etcd")
-            .arg("--name=bench")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=bench={peer_url}"))
-            .arg("--quota-backend-bytes=8589934592")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn /usr/bin/etcd (apt-get install etcd-server)");
-        Self {
-            child,
-            endpoint: client_url,
-            _dir: dir,
+/// A store under `prefix` on the etcd at `endpoint`, once it answers.
+async fn connect_etcd(endpoint: &str, prefix: &str) -> EtcdStore {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = EtcdStore::connect(&[endpoint.to_owned()], prefix).await
+            && s.revision().await.is_ok()
+        {
+            return s;
         }
-    }
-
-    async fn connect(&self, prefix: &str) -> EtcdStore {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&self.endpoint), prefix).await
-                && s.revision().await.is_ok()
-            {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "etcd did not come up in 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(Instant::now() < deadline, "etcd did not come up in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -298,13 +246,19 @@ async fn bench_scheduler() {
         .collect();
     let limit = Duration::from_secs(env_or("WEIR_BENCH_LIMIT_S", "600").parse().unwrap());
     for store in stores.split(',').map(str::trim) {
-        let etcd = (store == "etcd").then(Etcd::start);
+        // A private etcd, killed and removed on drop.
+        let etcd = if store == "etcd" {
+            let start = || Etcd::start_with("bench", &["--quota-backend-bytes=8589934592"]);
+            Some(tokio::task::spawn_blocking(start).await.unwrap())
+        } else {
+            None
+        };
         for &n in &pods {
             for &(ev, backlog) in &modes {
                 let label = store.to_owned();
                 if let Some(etcd) = &etcd {
                     let prefix = format!("/bench-{n}-{ev}-{backlog}");
-                    let s = Arc::new(etcd.connect(&prefix).await);
+                    let s = Arc::new(connect_etcd(&etcd.endpoint(), &prefix).await);
                     measure(s, &label, nodes, n, ev, backlog, limit).await;
                 } else {
                     let dir: PathBuf = tempfile::tempdir().unwrap().keep();

@@ -565,4 +565,4 @@ impl Store for EtcdStore {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -32,12 +32,14 @@ const ETCD: &str = "/usr/bin/etcd";
 /// Directories of test etcds: `<temp>/weir-etcd-test-<pid>-<name>`.
 const DIR_PREFIX: &str = "weir-etcd-test-";
 
-/// One etcd process on loopback.
-struct Etcd {
+/// One etcd process on loopback (the scheduler bench starts one too).
+pub(crate) struct Etcd {
     /// Holds `data/` and `etcd.log`.
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Flags beyond the ones every test etcd gets.
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -104,6 +106,12 @@ fn spawn_kept(mut cmd: Command) -> Child {
 impl Etcd {
     /// Starts a fresh etcd named `name` and waits until it serves.
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts a fresh etcd named `name` with `extra_args` and waits until
+    /// it serves.
+    pub(crate) fn start_with(name: &str, extra_args: &[&str]) -> Self {
         remove_leftovers();
         let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -112,13 +120,14 @@ impl Etcd {
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         etcd.run();
         etcd
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
@@ -145,6 +154,7 @@ impl Etcd {
             .arg(format!("--initial-cluster=default={peer}"))
             .arg("--logger=zap")
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
