@@ -50,11 +50,7 @@ pub(crate) fn start<S: Store>(
         move |change| {
             changed(change)
                 .into_iter()
-                .filter_map(|pod| {
-                    let owner =
-                        meta::controller_of(&pod.metadata).filter(|o| o.kind == "DaemonSet")?;
-                    Some(format!("{}/{}", meta::namespace(&pod.metadata), owner.name))
-                })
+                .filter_map(|pod| meta::controller_key(&pod.metadata, "DaemonSet"))
                 .collect()
         },
     );

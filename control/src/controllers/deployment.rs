@@ -52,7 +52,7 @@ pub(crate) fn start<S: Store>(
             Change::Resync => all_keys(&deployments),
             _ => changed(change)
                 .into_iter()
-                .filter_map(|rs| owner_key(&rs.metadata))
+                .filter_map(|rs| meta::controller_key(&rs.metadata, "Deployment"))
                 .collect(),
         },
     );
@@ -75,21 +75,10 @@ pub(crate) fn start<S: Store>(
     vec![from_deployments, from_rs, from_pods, worker]
 }
 
-/// The Deployment key of an object whose controller is a Deployment.
-fn owner_key(object: &ObjectMeta) -> Option<String> {
-    let owner = meta::controller_of(object).filter(|o| o.kind == "Deployment")?;
-    Some(format!("{}/{}", meta::namespace(object), owner.name))
-}
-
 /// The Deployment of the `ReplicaSet` that controls `pod`.
 fn deployment_of_pod(rs_cache: &cache::Cache<ReplicaSet>, pod: &Pod) -> Option<String> {
-    let owner = meta::controller_of(&pod.metadata).filter(|o| o.kind == "ReplicaSet")?;
-    let rs = rs_cache.get(&format!(
-        "{}/{}",
-        meta::namespace(&pod.metadata),
-        owner.name
-    ))?;
-    owner_key(&rs.metadata)
+    let rs = rs_cache.get(&meta::controller_key(&pod.metadata, "ReplicaSet")?)?;
+    meta::controller_key(&rs.metadata, "Deployment")
 }
 
 /// How a Deployment replaces its pods.

@@ -89,6 +89,12 @@ pub fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
         .find(|r| r.controller == Some(true))
 }
 
+/// The `namespace/name` key of an object's controller, if that is a `kind`.
+pub fn controller_key(meta: &ObjectMeta, kind: &str) -> Option<String> {
+    let owner = controller_of(meta).filter(|o| o.kind == kind)?;
+    Some(format!("{}/{}", namespace(meta), owner.name))
+}
+
 /// The owner reference a controller puts on what it creates (contract item 4).
 pub fn owner_ref(api_version: &str, kind: &str, owner: &ObjectMeta) -> OwnerReference {
     OwnerReference {
