@@ -239,6 +239,16 @@ impl Env {
         weirctl(self.control.addr, args)
     }
 
+    /// weirctl with `args` in the background: stdout piped, stderr as given.
+    fn spawn(&self, args: &[&str], stderr: Stdio) -> anyhow::Result<Child> {
+        Ok(Command::new(weir_tests::weirctl_bin())
+            .args(["--server", &format!("http://{}", self.control.addr)])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()?)
+    }
+
     /// weirctl that must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let (ok, out, err) = self.ctl(args)?;
@@ -397,19 +407,10 @@ fn weirctl_shows_workload_status_and_events_like_kubectl() -> anyhow::Result<()>
     describe_shows_status_and_events(&env, pod)?;
 
     // rollout status waits for the available replicas and says so.
-    let mut watcher = Command::new(weir_tests::weirctl_bin())
-        .args([
-            "--server",
-            &format!("http://{}", env.control.addr),
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout",
-            "60s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut watcher = env.spawn(
+        &["rollout", "status", "deployment/web", "--timeout", "60s"],
+        Stdio::piped(),
+    )?;
     std::thread::sleep(Duration::from_millis(700));
     env.status("Deployment", "default", "web", &serde_json::json!({
         "observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3}))?;
@@ -766,17 +767,7 @@ impl Drop for Kill {
 fn weirctl_get_watch_prints_a_line_per_change() -> anyhow::Result<()> {
     let env = Env::start("watch")?;
     env.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: first}\nspec:\n  containers: [{name: c, image: busybox}]\n")?;
-    let mut child = Command::new(weir_tests::weirctl_bin())
-        .args([
-            "--server",
-            &format!("http://{}", env.control.addr),
-            "get",
-            "pods",
-            "-w",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut child = env.spawn(&["get", "pods", "-w"], Stdio::null())?;
     let stdout = child.stdout.take().expect("piped stdout");
     let _guard = Kill(child);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
