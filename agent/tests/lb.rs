@@ -271,6 +271,8 @@ fn socket_level_service_balancing() {
         netns_filter: true,
     };
     let dp = lb::Dataplane::load(Path::new(BPFFS), &node, &opts).expect("load balancer");
+    let host = Options::host_root(Path::new("/sys/fs/cgroup")).expect("a cgroup v2 hierarchy");
+    assert!(cgroup.dir.starts_with(&host.cgroup) && host.netns_filter);
     let c_cookie = lb::netns_cookie(Path::new(&format!("/var/run/netns/{c}"))).expect("cookie");
     dp.allow_netns(c_cookie).expect("allow client netns");
 

@@ -114,6 +114,23 @@ pub struct Options {
     pub netns_filter: bool,
 }
 
+impl Options {
+    /// Attach at the root of the host's cgroup v2 hierarchy under
+    /// `cgroupfs` (pure v2: `cgroupfs` itself; v1 hybrid: `cgroupfs/unified`)
+    /// with the netns filter on: that covers the node's host processes and
+    /// every pod (runc places containers under the v2 root too), and lets
+    /// several nodes share one machine. `None` if there is no v2 hierarchy.
+    pub fn host_root(cgroupfs: &Path) -> Option<Self> {
+        [cgroupfs.to_path_buf(), cgroupfs.join("unified")]
+            .into_iter()
+            .find(|d| d.join("cgroup.controllers").exists())
+            .map(|cgroup| Self {
+                cgroup,
+                netns_filter: true,
+            })
+    }
+}
+
 /// What one [`Dataplane::sync`] changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
