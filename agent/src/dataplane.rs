@@ -25,7 +25,8 @@ use aya::{
 use weir_common::{PROG_FROM_POD, PROG_TO_POD, TRAFFIC_MAP, TrafficCounters, TrafficKey};
 
 /// The compiled eBPF object, embedded at build time.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
 
 /// A dataplane operation that failed, naming what it was about.
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +326,7 @@ impl Dataplane {
 
 /// Mounts bpffs at `path` unless one is mounted there already (a fresh
 /// machine may have none; pins would otherwise land on sysfs and fail).
-fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
+pub(crate) fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let err = |source: io::Error| DataplaneError::PinDir {
         path: path.to_path_buf(),

@@ -12,6 +12,7 @@ pub mod control;
 pub mod cri;
 pub mod dataplane;
 pub mod http;
+pub mod lb;
 pub mod net;
 pub mod pod;
 pub mod standalone;

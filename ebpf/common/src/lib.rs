@@ -18,6 +18,139 @@ pub const PROG_FROM_POD: &str = "weir_from_pod";
 /// Name of the TC program on a pod's host-side veth egress: packets sent to the pod.
 pub const PROG_TO_POD: &str = "weir_to_pod";
 
+/// Name of the services map: (VIP, port, protocol) → [`SvcValue`].
+pub const SVC_MAP: &str = "weir_svc_v1";
+/// Name of the backend-slots map: ([`SlotKey`]) → backend id.
+pub const SLOTS_MAP: &str = "weir_svc_slots_v1";
+/// Name of the backends map: backend id → [`Backend`].
+pub const BACKENDS_MAP: &str = "weir_backends_v1";
+/// Name of the LRU reverse map: socket cookie → the [`SvcKey`] it asked for.
+pub const SOCK_REV_MAP: &str = "weir_sock_rev_v1";
+/// Name of the LRU ClientIP-affinity map: [`AffinityKey`] → [`AffinityValue`].
+pub const AFFINITY_MAP: &str = "weir_affinity_v1";
+/// Name of the map of network namespaces (by netns cookie) whose sockets
+/// this node balances: netns cookie (u64) → 1 (u32).
+pub const LB_NETNS_MAP: &str = "weir_lb_netns_v1";
+/// Name of the one-element config array of the balancer: index 0 → [`LbConfig`].
+pub const LB_CONFIG_MAP: &str = "weir_lb_cfg_v1";
+
+/// Maximum number of services (VIP, port, protocol) per node.
+pub const SVC_MAP_ENTRIES: u32 = 65_536;
+/// Maximum number of backend slots (summed over services) per node.
+pub const SLOTS_MAP_ENTRIES: u32 = 262_144;
+/// Maximum number of backends per node.
+pub const BACKENDS_MAP_ENTRIES: u32 = 262_144;
+/// Number of sockets whose VIP is remembered (LRU).
+pub const SOCK_REV_MAP_ENTRIES: u32 = 262_144;
+/// Number of (client, service) affinity entries (LRU).
+pub const AFFINITY_MAP_ENTRIES: u32 = 65_536;
+/// Maximum number of network namespaces a node balances for.
+pub const LB_NETNS_MAP_ENTRIES: u32 = 4096;
+/// Maximum number of backends of one service (slots 0..count).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 1000;
+
+/// Name of the cgroup `connect4` program (TCP, connected UDP).
+pub const PROG_LB_CONNECT4: &str = "weir_lb_connect4";
+/// Name of the cgroup `sendmsg4` program (unconnected UDP).
+pub const PROG_LB_SENDMSG4: &str = "weir_lb_sendmsg4";
+/// Name of the cgroup `recvmsg4` program (UDP replies show the VIP).
+pub const PROG_LB_RECVMSG4: &str = "weir_lb_recvmsg4";
+/// Name of the cgroup `getpeername4` program (a connected peer shows the VIP).
+pub const PROG_LB_GETPEERNAME4: &str = "weir_lb_getpeername4";
+
+/// [`SvcValue::flags`] bit: `ClientIP` session affinity.
+pub const SVC_FLAG_AFFINITY: u32 = 1;
+/// [`LbConfig::flags`] bit: only balance sockets whose netns cookie is in
+/// [`LB_NETNS_MAP`] (several nodes share one cgroup attach point).
+pub const LB_CFG_NETNS_FILTER: u32 = 1;
+
+/// IP protocol number of TCP (as in [`SvcKey::proto`]).
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP (as in [`SvcKey::proto`]).
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`SVC_MAP`] and value of [`SOCK_REV_MAP`]: a service's VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// The VIP, network byte order.
+    pub ip: u32,
+    /// The port, network byte order.
+    pub port: u16,
+    /// IP protocol: [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Value of [`SVC_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcValue {
+    /// Service id (host order), the first half of [`SlotKey`].
+    pub id: u32,
+    /// Number of ready backends: slots `0..count` are valid (host order).
+    pub count: u32,
+    /// [`SVC_FLAG_AFFINITY`] and future bits (host order).
+    pub flags: u32,
+    /// `ClientIP` affinity timeout in seconds (host order).
+    pub affinity_timeout_s: u32,
+}
+
+/// Key of [`SLOTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// Service id (host order).
+    pub id: u32,
+    /// Slot index, `0..count` (host order).
+    pub slot: u32,
+}
+
+/// Value of [`BACKENDS_MAP`]: where a backend listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Pod IP, network byte order.
+    pub ip: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Key of [`AFFINITY_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client: its network namespace cookie (each pod has its own netns).
+    pub client: u64,
+    /// Service id (host order).
+    pub id: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Value of [`AFFINITY_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// Backend id the client was sent to (host order).
+    pub backend: u32,
+    /// Zero.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of the last use.
+    pub last_used_ns: u64,
+}
+
+/// Value of [`LB_CONFIG_MAP`] at index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// [`LB_CFG_NETNS_FILTER`] and future bits.
+    pub flags: u32,
+}
+
 /// Key of [`TRAFFIC_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -64,13 +197,62 @@ mod user {
     unsafe impl aya::Pod for super::TrafficKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: the balancer's types are repr(C), Copy, with explicit padding
+    // fields (no implicit padding) and every bit pattern is valid.
+    unsafe impl aya::Pod for super::SvcKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbConfig {}
 }
 
 #[cfg(test)]
 mod tests {
     use core::mem::{offset_of, size_of};
 
-    use super::{TrafficCounters, TrafficKey};
+    use super::{
+        AffinityKey, AffinityValue, Backend, LbConfig, SlotKey, SvcKey, SvcValue, TrafficCounters,
+        TrafficKey,
+    };
+
+    #[test]
+    fn balancer_layouts_are_pinned() {
+        assert_eq!(size_of::<SvcKey>(), 8);
+        assert_eq!(offset_of!(SvcKey, ip), 0);
+        assert_eq!(offset_of!(SvcKey, port), 4);
+        assert_eq!(offset_of!(SvcKey, proto), 6);
+        assert_eq!(offset_of!(SvcKey, pad), 7);
+        assert_eq!(size_of::<SvcValue>(), 16);
+        assert_eq!(offset_of!(SvcValue, id), 0);
+        assert_eq!(offset_of!(SvcValue, count), 4);
+        assert_eq!(offset_of!(SvcValue, flags), 8);
+        assert_eq!(offset_of!(SvcValue, affinity_timeout_s), 12);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(offset_of!(SlotKey, id), 0);
+        assert_eq!(offset_of!(SlotKey, slot), 4);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(offset_of!(Backend, ip), 0);
+        assert_eq!(offset_of!(Backend, port), 4);
+        assert_eq!(offset_of!(Backend, pad), 6);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(offset_of!(AffinityKey, client), 0);
+        assert_eq!(offset_of!(AffinityKey, id), 8);
+        assert_eq!(offset_of!(AffinityKey, pad), 12);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(offset_of!(AffinityValue, backend), 0);
+        assert_eq!(offset_of!(AffinityValue, pad), 4);
+        assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+        assert_eq!(size_of::<LbConfig>(), 4);
+        assert_eq!(offset_of!(LbConfig, flags), 0);
+    }
 
     #[test]
     fn traffic_layout_is_pinned() {

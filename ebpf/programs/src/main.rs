@@ -4,8 +4,12 @@
 //! veth, TC *ingress* sees what the pod sent and TC *egress* what is delivered
 //! to it. Both count into one per-CPU hash keyed by the veth's ifindex and
 //! always let the packet through: they observe, they never decide.
+//!
+//! Service load balancing: cgroup sock_addr programs in [`lb`].
 #![no_std]
 #![no_main]
+
+mod lb;
 
 use aya_ebpf::{
     bindings::TC_ACT_PIPE,
