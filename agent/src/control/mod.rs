@@ -13,6 +13,7 @@ pub mod events;
 mod report;
 pub mod resources;
 pub mod routes;
+pub mod services;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
