@@ -736,5 +736,24 @@ fn probes_drive_readiness_and_restart_unhealthy_containers() -> anyhow::Result<(
     let p = n.pod("exec").expect("exec listed");
     assert_eq!(restarts(&p, "main"), 0, "{}", p["status"]);
     assert_eq!(condition(&p, "Ready"), "True");
+
+    // An agent restart adopts the pods and resumes probing: readiness comes
+    // back without a restart, and the failing liveness probe still kills.
+    let tcp_before = restarts(&n.pod("tcp").expect("tcp listed"), "main");
+    n.kill_agent();
+    n.start_agent()?;
+    let p = n.wait_pod(
+        "exec",
+        "Ready after the agent restart",
+        Duration::from_secs(20),
+        |p| condition(p, "Ready") == "True",
+    )?;
+    assert_eq!(restarts(&p, "main"), 0, "{}", p["status"]);
+    n.wait_pod(
+        "tcp",
+        "restarted by its probe after the agent restart",
+        START,
+        |p| restarts(p, "main") > tcp_before,
+    )?;
     Ok(())
 }
