@@ -629,3 +629,131 @@ fn containerd_down_is_reported_and_retried_without_losing_pods() -> anyhow::Resu
     );
     Ok(())
 }
+
+fn condition(p: &serde_json::Value, kind: &str) -> String {
+    p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn restarts(p: &serde_json::Value, container: &str) -> u64 {
+    container_status(p, container)["restartCount"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn probes_drive_readiness_and_restart_unhealthy_containers() -> anyhow::Result<()> {
+    let mut c = Cluster::new("pr", 23, 1)?;
+    let n = c.node(0);
+    n.start_agent()?;
+    let pod = |name: &str, script: &str, probes: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: busybox\n    command: [\"sh\", \"-c\", \"{script}\"]\n    ports:\n    - containerPort: 8080\n      name: web\n{probes}"
+        )
+    };
+    // Readiness over HTTP: /ok exists from 5 s to 11 s after the start.
+    n.apply(
+        "http.yaml",
+        &pod(
+            "http",
+            "mkdir -p /srv && httpd -p 8080 -h /srv && sleep 5 && touch /srv/ok && sleep 6 && rm /srv/ok && exec sleep 3600",
+            "    readinessProbe:\n      httpGet: { path: /ok, port: web }\n      periodSeconds: 1\n      failureThreshold: 1\n",
+        ),
+    )?;
+    // Readiness by exec once a file exists; a passing HTTP liveness probe.
+    n.apply(
+        "exec.yaml",
+        &pod(
+            "exec",
+            "mkdir -p /srv && echo hi > /srv/index.html && httpd -p 8080 -h /srv && sleep 5 && touch /tmp/ready && exec sleep 3600",
+            "    readinessProbe:\n      exec: { command: [test, -f, /tmp/ready] }\n      periodSeconds: 1\n    livenessProbe:\n      httpGet: { path: /, port: 8080 }\n      periodSeconds: 1\n      failureThreshold: 2\n",
+        ),
+    )?;
+    // Liveness over TCP to a port nothing listens on.
+    n.apply(
+        "tcp.yaml",
+        &pod(
+            "tcp",
+            "exec sleep 3600",
+            "    livenessProbe:\n      tcpSocket: { port: 9999 }\n      periodSeconds: 1\n      failureThreshold: 2\n",
+        ),
+    )?;
+    // A startup probe that never succeeds.
+    n.apply(
+        "startup.yaml",
+        &pod(
+            "startup",
+            "exec sleep 3600",
+            "    startupProbe:\n      exec: { command: [\"false\"] }\n      periodSeconds: 1\n      failureThreshold: 2\n    readinessProbe:\n      tcpSocket: { port: 8080 }\n",
+        ),
+    )?;
+
+    // Running but not ready until the readiness probes pass.
+    for name in ["http", "exec"] {
+        let p = n.wait_pod(name, "running", START, |p| {
+            container_status(p, "main")["state"]["running"].is_object()
+        })?;
+        assert_eq!(condition(&p, "Ready"), "False", "{name}: {}", p["status"]);
+        assert_eq!(container_status(&p, "main")["ready"], false);
+    }
+    for name in ["http", "exec"] {
+        let p = n.wait_pod(name, "Ready", Duration::from_secs(20), |p| {
+            condition(p, "Ready") == "True"
+        })?;
+        assert_eq!(condition(&p, "ContainersReady"), "True");
+        assert_eq!(container_status(&p, "main")["ready"], true);
+        assert_eq!(restarts(&p, "main"), 0, "{name}");
+    }
+    // /ok is removed again: not ready, but not restarted either.
+    let p = n.wait_pod("http", "not Ready again", Duration::from_secs(20), |p| {
+        condition(p, "Ready") == "False"
+    })?;
+    assert_eq!(restarts(&p, "main"), 0);
+    assert!(
+        container_status(&p, "main")["state"]["running"].is_object(),
+        "{}",
+        p["status"]
+    );
+
+    // Failing liveness and startup probes kill the container; it restarts.
+    for name in ["tcp", "startup"] {
+        let p = n.wait_pod(name, "restarted by its probe", START, |p| {
+            restarts(p, "main") >= 1
+        })?;
+        let last = &container_status(&p, "main")["lastState"]["terminated"];
+        assert_eq!(last["reason"], "Error", "{name}: {}", p["status"]);
+        assert_eq!(last["exitCode"], 137, "{name}: {}", p["status"]);
+    }
+    // Not started, so never ready, whatever its readiness probe says.
+    let p = n.pod("startup").expect("startup listed");
+    assert_eq!(condition(&p, "Ready"), "False", "{}", p["status"]);
+    assert_eq!(container_status(&p, "main")["started"], false);
+    // The passing liveness probe never restarted its container.
+    let p = n.pod("exec").expect("exec listed");
+    assert_eq!(restarts(&p, "main"), 0, "{}", p["status"]);
+    assert_eq!(condition(&p, "Ready"), "True");
+
+    // An agent restart adopts the pods and resumes probing: readiness comes
+    // back without a restart, and the failing liveness probe still kills.
+    let tcp_before = restarts(&n.pod("tcp").expect("tcp listed"), "main");
+    n.kill_agent();
+    n.start_agent()?;
+    let p = n.wait_pod(
+        "exec",
+        "Ready after the agent restart",
+        Duration::from_secs(20),
+        |p| condition(p, "Ready") == "True",
+    )?;
+    assert_eq!(restarts(&p, "main"), 0, "{}", p["status"]);
+    n.wait_pod(
+        "tcp",
+        "restarted by its probe after the agent restart",
+        START,
+        |p| restarts(p, "main") > tcp_before,
+    )?;
+    Ok(())
+}

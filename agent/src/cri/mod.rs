@@ -30,6 +30,7 @@ pub const SNAPSHOTTER: &str = "overlayfs";
 /// The runtime every container runs with (runc through the v2 shim).
 pub const RUNTIME: &str = "io.containerd.runc.v2";
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// A failed containerd call, naming the call and the object it was about.
 #[derive(Debug, thiserror::Error)]
@@ -436,6 +437,145 @@ impl Runtime {
             Err(s) => Err(CriError::call("remove snapshot", id, s)),
         }
     }
+}
+
+impl Runtime {
+    /// Runs `args` in the container's running task (with the init process'
+    /// environment, working directory and user, no stdio) and returns its
+    /// exit status, or `None` if it did not finish within `timeout` (it is
+    /// killed then). The exec'd process is always cleaned up.
+    pub async fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<Option<u32>, CriError> {
+        use containerd_client::services::v1::{
+            ExecProcessRequest, GetContainerRequest, WaitRequest,
+        };
+        let container = self
+            .containers()
+            .get(request(&self.ns, GetContainerRequest { id: id.to_owned() }))
+            .await
+            .map_err(|s| CriError::call("get container", id, s))?
+            .into_inner()
+            .container
+            .and_then(|c| c.spec);
+        let spec: serde_json::Value = container
+            .and_then(|a| serde_json::from_slice(&a.value).ok())
+            .unwrap_or_default();
+        let mut process = spec["process"].clone();
+        if !process.is_object() {
+            process = serde_json::json!({ "cwd": "/", "user": { "uid": 0, "gid": 0 } });
+        }
+        process["args"] = serde_json::json!(args);
+        process["terminal"] = serde_json::json!(false);
+        let process = serde_json::to_vec(&process).map_err(|source| CriError::Spec {
+            id: id.to_owned(),
+            source,
+        })?;
+        let exec_id = format!("probe-{:016x}", rand_u64());
+        self.tasks()
+            .exec(request(
+                &self.ns,
+                ExecProcessRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.clone(),
+                    spec: Some(Any {
+                        type_url: PROCESS_TYPE_URL.to_owned(),
+                        value: process,
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map_err(|s| CriError::call("exec", id, s))?;
+        let result = async {
+            self.tasks()
+                .start(request(
+                    &self.ns,
+                    StartRequest {
+                        container_id: id.to_owned(),
+                        exec_id: exec_id.clone(),
+                    },
+                ))
+                .await
+                .map_err(|s| CriError::call("start exec", id, s))?;
+            let mut tasks = self.tasks();
+            let wait = tasks.wait(request(
+                &self.ns,
+                WaitRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.clone(),
+                },
+            ));
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(r) => r
+                    .map(|r| Some(r.into_inner().exit_status))
+                    .map_err(|s| CriError::call("wait exec", id, s)),
+                Err(_) => Ok(None),
+            }
+        }
+        .await;
+        self.end_exec(id, exec_id, !matches!(result, Ok(Some(_))))
+            .await;
+        result
+    }
+}
+
+impl Runtime {
+    /// Kills (if `kill`) and removes an exec'd process.
+    async fn end_exec(&self, id: &str, exec_id: String, kill: bool) {
+        use containerd_client::services::v1::{DeleteProcessRequest, WaitRequest};
+        if kill {
+            let _ = self
+                .tasks()
+                .kill(request(
+                    &self.ns,
+                    KillRequest {
+                        container_id: id.to_owned(),
+                        exec_id: exec_id.clone(),
+                        signal: 9,
+                        all: false,
+                    },
+                ))
+                .await;
+            let mut tasks = self.tasks();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tasks.wait(request(
+                    &self.ns,
+                    WaitRequest {
+                        container_id: id.to_owned(),
+                        exec_id: exec_id.clone(),
+                    },
+                )),
+            )
+            .await;
+        }
+        let _ = self
+            .tasks()
+            .delete_process(request(
+                &self.ns,
+                DeleteProcessRequest {
+                    container_id: id.to_owned(),
+                    exec_id,
+                },
+            ))
+            .await;
+    }
+}
+
+/// A random number for exec ids (unique enough among one container's probes).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// The parts of an image's config a container's process comes from.

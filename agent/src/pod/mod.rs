@@ -2,6 +2,7 @@
 //! and teardown; the [`Manager`] starts, adopts and stops workers and routes
 //! containerd's task events to them.
 
+pub mod probe;
 pub mod status;
 mod worker;
 
@@ -69,6 +70,7 @@ pub struct DesiredPod {
 enum Msg {
     Task(TaskEvent),
     Resync,
+    Probe(probe::Report),
     Stop(oneshot::Sender<()>),
 }
 
@@ -328,6 +330,7 @@ impl Manager {
 
     fn spawn(&self, rec: PodRecord, adopt: bool) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let me = tx.downgrade();
         {
             let mut routes = self.0.routes.lock().expect("routes lock poisoned");
             for c in rec.pod.spec.iter().flat_map(|s| &s.containers) {
@@ -343,7 +346,9 @@ impl Manager {
         let sh = self.0.clone();
         tokio::spawn(async move {
             let uid = rec.uid.clone();
-            worker::Worker::new(sh.clone(), rec, rx).run(adopt).await;
+            worker::Worker::new(sh.clone(), rec, rx, me)
+                .run(adopt)
+                .await;
             sh.workers
                 .lock()
                 .expect("workers lock poisoned")

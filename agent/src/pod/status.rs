@@ -46,6 +46,10 @@ pub struct ContainerView {
     pub live: Live,
     /// Persisted counters and last termination.
     pub record: ContainerRecord,
+    /// The startup probe succeeded (or there is none), while running.
+    pub started: bool,
+    /// Ready (readiness probe succeeded, or none and started), while running.
+    pub ready: bool,
 }
 
 /// Whether a container that exited with `exit_code` is restarted under `policy`.
@@ -158,8 +162,8 @@ pub fn pod_status(
                 image: c.image.clone(),
                 image_id: String::new(),
                 container_id: Some(format!("containerd://{}", c.record.id)),
-                ready: running,
-                started: Some(running),
+                ready: running && c.ready,
+                started: Some(running && c.started),
                 restart_count: i32::try_from(c.record.restart_count).unwrap_or(i32::MAX),
                 state: Some(state),
                 last_state,
@@ -170,7 +174,7 @@ pub fn pod_status(
     let ready = !containers.is_empty()
         && containers
             .iter()
-            .all(|c| matches!(c.live, Live::Running { .. }));
+            .all(|c| matches!(c.live, Live::Running { .. }) && c.ready);
     PodStatus {
         phase: Some(phase(containers).to_owned()),
         conditions: Some(vec![
@@ -202,6 +206,8 @@ mod tests {
                 restart_count: restarts,
                 ..Default::default()
             },
+            started: true,
+            ready: true,
         }
     }
 

@@ -16,6 +16,7 @@ use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     Msg, Shared, container_id, labels, pod_key,
+    probe::{self, AbortOnDrop},
     status::{ContainerView, Live, pod_status, restart_delay, should_restart},
 };
 use crate::{
@@ -50,6 +51,26 @@ pub(super) struct Worker {
     /// The traffic counters' attach, running off the async threads while
     /// the containers are created; awaited before any process starts.
     attach: Option<Attach>,
+    /// The worker's own channel, for its containers' probe tasks.
+    me: mpsc::WeakUnboundedSender<Msg>,
+    /// Probe state of each running container.
+    probes: HashMap<String, Probing>,
+    /// Numbers container runs, so a stale probe report is ignored.
+    runs: u64,
+}
+
+/// The probes of one container run, as far as the worker knows them.
+struct Probing {
+    run: u64,
+    /// The probe task; stops when this is dropped.
+    task: Option<AbortOnDrop>,
+    /// The startup probe succeeded (or there is none).
+    started: bool,
+    /// The readiness probe's result; `None` without a readiness probe
+    /// (ready once started).
+    ready: Option<bool>,
+    /// A failed liveness or startup probe is killing the container.
+    killing: bool,
 }
 
 /// An eBPF attach in flight (each TCX attach waits out an RCU grace period
@@ -57,7 +78,12 @@ pub(super) struct Worker {
 type Attach = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 impl Worker {
-    pub(super) fn new(sh: Arc<Shared>, rec: PodRecord, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
+    pub(super) fn new(
+        sh: Arc<Shared>,
+        rec: PodRecord,
+        rx: mpsc::UnboundedReceiver<Msg>,
+        me: mpsc::WeakUnboundedSender<Msg>,
+    ) -> Self {
         Self {
             sh,
             rec,
@@ -69,6 +95,9 @@ impl Worker {
             netns: None,
             net_error: None,
             attach: None,
+            me,
+            probes: HashMap::new(),
+            runs: 0,
         }
     }
 
@@ -166,6 +195,7 @@ impl Worker {
                     return;
                 }
                 Some(Msg::Resync) => Box::pin(self.resync()).await,
+                Some(Msg::Probe(r)) => self.on_probe(r),
                 Some(Msg::Task(ev)) => Box::pin(self.on_event(ev)).await,
             }
         }
@@ -185,6 +215,7 @@ impl Worker {
                         .unwrap_or_else(now_unix);
                     self.live
                         .insert(c.name.clone(), Live::Running { started_at });
+                    self.start_probes(&c, started_at);
                 }
                 Ok(TaskState::Stopped {
                     exit_status,
@@ -313,6 +344,7 @@ impl Worker {
     }
 
     fn finished(&mut self, name: &str, t: Terminated) {
+        self.probes.remove(name);
         let policy = self.policy();
         let (initial, max) = (self.sh.cfg.backoff_initial, self.sh.cfg.backoff_max);
         let pod = format!("{}_{}({})", self.name(), self.ns(), self.rec.uid);
@@ -528,6 +560,7 @@ impl Worker {
                 self.retry_at.remove(&c.name);
                 self.live
                     .insert(c.name.clone(), Live::Running { started_at: now });
+                self.start_probes(c, now);
                 self.save();
                 tracing::info!(pod = %pod_key(&self.rec.pod), container = %c.name, "container started");
             }
@@ -655,9 +688,101 @@ impl Worker {
         Ok(())
     }
 
+    fn grace(&self) -> Duration {
+        let grace = self
+            .rec
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        Duration::from_secs(u64::try_from(grace).unwrap_or(0))
+    }
+
+    /// Starts the probes of a container that runs since `started_at` (unix
+    /// seconds); without probes it is started and ready at once.
+    fn start_probes(&mut self, c: &Container, started_at: i64) {
+        self.runs += 1;
+        let set = probe::Set::of(c);
+        let ready = set.readiness.as_ref().map(|_| false);
+        let started = set.startup.is_none();
+        let task = match (&self.rec.net, set.is_empty()) {
+            (Some(net), false) => {
+                let ran_for = u64::try_from(now_unix() - started_at).unwrap_or(0);
+                let since = Instant::now()
+                    .checked_sub(Duration::from_secs(ran_for))
+                    .unwrap_or_else(Instant::now);
+                let target = probe::Target {
+                    ip: net.ip,
+                    rt: self.sh.rt.clone(),
+                    container_id: self.cid(&c.name),
+                };
+                Some(probe::spawn(
+                    self.me.clone(),
+                    c.name.clone(),
+                    self.runs,
+                    target,
+                    set,
+                    since,
+                ))
+            }
+            _ => None,
+        };
+        self.probes.insert(
+            c.name.clone(),
+            Probing {
+                run: self.runs,
+                task,
+                started,
+                ready,
+                killing: false,
+            },
+        );
+    }
+
+    /// A probe task's report: readiness changes are published; a failed
+    /// liveness or startup probe kills the container (SIGTERM, the pod's
+    /// grace period, SIGKILL), whose exit then restarts it per the restart
+    /// policy.
+    fn on_probe(&mut self, r: probe::Report) {
+        let pod = pod_key(&self.rec.pod);
+        let grace = self.grace();
+        let id = self.cid(&r.container);
+        let Some(p) = self.probes.get_mut(&r.container).filter(|p| p.run == r.run) else {
+            return;
+        };
+        match r.event {
+            probe::Event::Started => p.started = true,
+            probe::Event::Ready(ready) => {
+                tracing::info!(pod = %pod, container = %r.container, ready, "readiness changed");
+                p.ready = Some(ready);
+            }
+            probe::Event::Unhealthy { kind, message } => {
+                if p.killing {
+                    return;
+                }
+                p.killing = true;
+                p.ready = p.ready.map(|_| false);
+                p.started = false;
+                p.task = None;
+                tracing::warn!(pod = %pod, container = %r.container, %message, "{} probe failed; container will be restarted", kind.name());
+                let rt = self.sh.rt.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = rt.kill(&id, SIGTERM, false).await {
+                        tracing::warn!(container = %id, error = %e, "SIGTERM failed");
+                    }
+                    if !wait_stopped(&rt, &id, grace).await {
+                        let _ = rt.kill(&id, SIGKILL, true).await;
+                    }
+                });
+            }
+        }
+    }
+
     /// Graceful stop (SIGTERM, grace period, SIGKILL) and full teardown.
     async fn terminate(&mut self) {
         tracing::info!(pod = %pod_key(&self.rec.pod), "stopping pod");
+        self.probes.clear();
         self.rec.terminating = true;
         self.save();
         // Shown as Terminating (deletionTimestamp set) until it is gone.
@@ -749,6 +874,11 @@ impl Worker {
                     .get(&c.name)
                     .cloned()
                     .unwrap_or_default(),
+                started: self.probes.get(&c.name).is_some_and(|p| p.started),
+                ready: self
+                    .probes
+                    .get(&c.name)
+                    .is_some_and(|p| p.started && p.ready.unwrap_or(true)),
             })
             .collect();
         let mut pod: Pod = self.rec.pod.clone();

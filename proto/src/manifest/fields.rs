@@ -67,7 +67,7 @@ const fn refused_unless(path: &'static str, inert: Inert, why: &'static str) -> 
 const SERVER_SET: &str = "set by weir, not read from manifests";
 const NO_PULL: &str = "weir never pulls images; the image must already be in containerd";
 const ONE_NODE: &str = "weir-agent runs the pod on its own node";
-const NO_PROBES: &str = "probes are not run yet; a running container counts as ready";
+const PROBE_PORT: &str = "1..=65535, or the name of one of the container's ports";
 const NO_VOLUMES: &str = "weir has no volume support yet";
 const NO_USER: &str =
     "weir does not change the process user yet; the container would run as the image's user";
@@ -302,9 +302,9 @@ static POD_SPEC: &[FieldRule] = &[
     refused("spec.containers[].restartPolicy", "per-container restart policies are not supported; use spec.restartPolicy"),
     refused("spec.containers[].restartPolicyRules", "per-container restart rules are not supported; use spec.restartPolicy"),
     warn("spec.containers[].imagePullPolicy", NO_PULL),
-    warn("spec.containers[].livenessProbe", NO_PROBES),
-    warn("spec.containers[].readinessProbe", NO_PROBES),
-    warn("spec.containers[].startupProbe", NO_PROBES),
+    used("spec.containers[].livenessProbe", Shape::Object, "exactly one handler; a failure restarts the container (per spec.restartPolicy)"),
+    used("spec.containers[].readinessProbe", Shape::Object, "exactly one handler; drives the container's `ready` and the pod's Ready condition"),
+    used("spec.containers[].startupProbe", Shape::Object, "exactly one handler; liveness and readiness start once it succeeded; a failure restarts the container"),
     warn("spec.containers[].resizePolicy", "in-place resize is not supported"),
     warn("spec.containers[].terminationMessagePath", "weir does not read termination messages"),
     warn("spec.containers[].terminationMessagePolicy", "weir does not read termination messages"),
@@ -313,9 +313,40 @@ static POD_SPEC: &[FieldRule] = &[
     warn_unless("spec.containers[].tty", Inert::False, "weir does not attach stdin or a terminal"),
 ];
 
+/// A container's liveness, readiness or startup probe.
+#[rustfmt::skip]
+static PROBE: &[FieldRule] = &[
+    used("httpGet", Shape::Object, "GET from the node to the pod IP; status 200..=399 is success"),
+    used("httpGet.path", Shape::String, "default `/`"),
+    required("httpGet.port", Shape::IntOrString, PROBE_PORT),
+    refused("httpGet.host", "probes always connect to the pod IP"),
+    used("httpGet.scheme", Shape::String, "`HTTP` (default); `HTTPS` is not supported"),
+    used("httpGet.httpHeaders", Shape::ObjectList, ""),
+    refused("httpGet.protocol", "weir probes speak HTTP/1.1 only"),
+    required("httpGet.httpHeaders[].name", Shape::String, "an HTTP header name"),
+    required("httpGet.httpHeaders[].value", Shape::String, ""),
+    used("tcpSocket", Shape::Object, "TCP connect from the node to the pod IP"),
+    required("tcpSocket.port", Shape::IntOrString, PROBE_PORT),
+    refused("tcpSocket.host", "probes always connect to the pod IP"),
+    used("exec", Shape::Object, "runs in the container; exit status 0 is success"),
+    required("exec.command", Shape::StringList, "non-empty; not run through a shell"),
+    refused("grpc", "gRPC probes are not supported; use httpGet, tcpSocket or exec"),
+    used("initialDelaySeconds", Shape::I32, ">= 0; default 0"),
+    used("periodSeconds", Shape::I32, ">= 1; default 10"),
+    used("timeoutSeconds", Shape::I32, ">= 1; default 1"),
+    used("successThreshold", Shape::I32, ">= 1; default 1; must be 1 for liveness and startup probes"),
+    used("failureThreshold", Shape::I32, ">= 1; default 3"),
+    refused("terminationGracePeriodSeconds", "a probe's own grace period is not supported; spec.terminationGracePeriodSeconds applies"),
+];
+
+static PROBE_PARTS: &[Part] = &[Part::Rows(PROBE)];
+
 /// `spec` of a Pod with every mounted part.
 static POD_SPEC_PARTS: &[Part] = &[
     Part::Rows(POD_SPEC),
+    Part::Mount("spec.containers[].livenessProbe", PROBE_PARTS),
+    Part::Mount("spec.containers[].readinessProbe", PROBE_PARTS),
+    Part::Mount("spec.containers[].startupProbe", PROBE_PARTS),
     Part::Mount(
         "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[]",
         NODE_SELECTOR_TERM_PARTS,

@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, NodeSelectorTerm, Pod, PodAffinityTerm, PodSpec, Toleration,
+    Affinity, Container, NodeSelectorTerm, Pod, PodAffinityTerm, PodSpec, Probe, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::check::{Checker, Scope, one_of};
 use super::names;
@@ -197,6 +198,125 @@ impl PodChecker<'_, '_> {
             } else {
                 ports_seen.insert(key, port_path);
             }
+        }
+        let port_names: Vec<String> = port_names.into_iter().collect();
+        for (field, probe) in [
+            ("livenessProbe", c.liveness_probe.as_mut()),
+            ("readinessProbe", c.readiness_probe.as_mut()),
+            ("startupProbe", c.startup_probe.as_mut()),
+        ] {
+            if let Some(probe) = probe {
+                let single_success = field != "readinessProbe";
+                self.probe(
+                    &format!("{path}.{field}"),
+                    probe,
+                    single_success,
+                    &port_names,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a probe and fills in Kubernetes' defaults.
+    fn probe(
+        &self,
+        path: &str,
+        p: &mut Probe,
+        single_success: bool,
+        port_names: &[String],
+    ) -> Result<(), ManifestError> {
+        let handlers = usize::from(p.http_get.is_some())
+            + usize::from(p.tcp_socket.is_some())
+            + usize::from(p.exec.is_some());
+        if handlers != 1 {
+            return Err(self.c.err(
+                path,
+                format!(
+                    "must have exactly one handler (httpGet, tcpSocket or exec), found {handlers}"
+                ),
+            ));
+        }
+        let port = |field: &str, port: &IntOrString| -> Result<(), ManifestError> {
+            match port {
+                IntOrString::Int(n) if !(1..=65535).contains(n) => Err(self
+                    .c
+                    .err(field, format!("{n} must be between 1 and 65535, inclusive"))),
+                IntOrString::String(name) if !port_names.contains(name) => Err(self.c.err(
+                    field,
+                    format!("{name:?} is not the name of one of the container's ports"),
+                )),
+                _ => Ok(()),
+            }
+        };
+        if let Some(h) = p.http_get.as_mut() {
+            port(&format!("{path}.httpGet.port"), &h.port)?;
+            let scheme = h.scheme.get_or_insert_with(|| "HTTP".to_owned());
+            if scheme != "HTTP" {
+                return Err(self.c.err(
+                    &format!("{path}.httpGet.scheme"),
+                    format!("not supported: {scheme:?}: weir probes speak plain HTTP only"),
+                ));
+            }
+            if let Some(p) = h
+                .path
+                .as_deref()
+                .filter(|p| !p.is_empty() && !p.starts_with('/'))
+            {
+                return Err(self.c.err(
+                    &format!("{path}.httpGet.path"),
+                    format!("{p:?} must start with `/`"),
+                ));
+            }
+            for (i, header) in h.http_headers.iter().flatten().enumerate() {
+                let bad_name = header.name.is_empty()
+                    || !header
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+                if bad_name {
+                    return Err(self.c.err(
+                        &format!("{path}.httpGet.httpHeaders[{i}].name"),
+                        format!("{:?} is not a valid HTTP header name", header.name),
+                    ));
+                }
+                if header.value.bytes().any(|b| b == b'\r' || b == b'\n') {
+                    return Err(self.c.err(
+                        &format!("{path}.httpGet.httpHeaders[{i}].value"),
+                        "must not contain line breaks",
+                    ));
+                }
+            }
+        }
+        if let Some(t) = p.tcp_socket.as_ref() {
+            port(&format!("{path}.tcpSocket.port"), &t.port)?;
+        }
+        if let Some(e) = p.exec.as_ref()
+            && e.command.as_ref().is_none_or(Vec::is_empty)
+        {
+            return Err(self
+                .c
+                .err(&format!("{path}.exec.command"), "must not be empty"));
+        }
+        let number = |field: &str, value: &mut Option<i32>, default: i32, min: i32| {
+            let v = *value.get_or_insert(default);
+            if v < min {
+                return Err(self
+                    .c
+                    .err(&format!("{path}.{field}"), format!("{v} must be >= {min}")));
+            }
+            Ok(v)
+        };
+        number("initialDelaySeconds", &mut p.initial_delay_seconds, 0, 0)?;
+        number("periodSeconds", &mut p.period_seconds, 10, 1)?;
+        number("timeoutSeconds", &mut p.timeout_seconds, 1, 1)?;
+        number("failureThreshold", &mut p.failure_threshold, 3, 1)?;
+        let success = number("successThreshold", &mut p.success_threshold, 1, 1)?;
+        if single_success && success != 1 {
+            return Err(self.c.err(
+                &format!("{path}.successThreshold"),
+                format!("{success} must be 1 for liveness and startup probes"),
+            ));
         }
         Ok(())
     }

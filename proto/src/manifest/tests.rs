@@ -301,13 +301,6 @@ fn warned_fields_are_accepted_with_a_warning_naming_them() {
         ),
         (
             "/spec/containers/0",
-            "livenessProbe",
-            json!({ "httpGet": { "path": "/", "port": 8080 } }),
-            "spec.containers[0].livenessProbe",
-            "probes",
-        ),
-        (
-            "/spec/containers/0",
             "tty",
             json!(true),
             "spec.containers[0].tty",
@@ -1029,10 +1022,11 @@ fn selector_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
 
 fn pod_spec_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
     use k8s_openapi::api::core::v1::{
-        Affinity, Capabilities, Container, ContainerPort, EnvVar, NodeAffinity, NodeSelector,
-        NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodAntiAffinity,
-        PodOS, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceRequirements,
-        SecurityContext, Toleration, WeightedPodAffinityTerm,
+        Affinity, Capabilities, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
+        HTTPHeader, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+        PodAffinity, PodAffinityTerm, PodAntiAffinity, PodOS, PodSecurityContext, PodSpec,
+        PreferredSchedulingTerm, Probe, ResourceRequirements, SecurityContext, TCPSocketAction,
+        Toleration, WeightedPodAffinityTerm,
     };
     let spec = if at.is_empty() {
         "spec".to_owned()
@@ -1106,6 +1100,17 @@ fn pod_spec_objects(at: &str) -> Vec<(String, Vec<&'static str>)> {
         }
         out.push((preferred, fields_of::<WeightedPodAffinityTerm>()));
         out.push((base, fields));
+    }
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        let base = format!("{spec}.containers[].{probe}");
+        out.push((format!("{base}.httpGet"), fields_of::<HTTPGetAction>()));
+        out.push((
+            format!("{base}.httpGet.httpHeaders[]"),
+            fields_of::<HTTPHeader>(),
+        ));
+        out.push((format!("{base}.tcpSocket"), fields_of::<TCPSocketAction>()));
+        out.push((format!("{base}.exec"), fields_of::<ExecAction>()));
+        out.push((base, fields_of::<Probe>()));
     }
     out
 }
@@ -1789,4 +1794,141 @@ fn nodes_and_events_are_checked() {
         "severity",
         "unknown field",
     );
+}
+
+#[test]
+fn probes_are_checked_and_defaulted() {
+    let probe = json!({ "httpGet": { "path": "/healthz", "port": 8080 } });
+    let v = validate_pod(
+        FILE,
+        &pod_with("/spec/containers/0", "readinessProbe", probe),
+    )
+    .unwrap();
+    assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+    let spec = v.pod.spec.unwrap();
+    let p = spec.containers[0].readiness_probe.clone().unwrap();
+    assert_eq!(
+        (
+            p.initial_delay_seconds,
+            p.period_seconds,
+            p.timeout_seconds,
+            p.success_threshold,
+            p.failure_threshold
+        ),
+        (Some(0), Some(10), Some(1), Some(1), Some(3))
+    );
+    assert_eq!(p.http_get.unwrap().scheme.as_deref(), Some("HTTP"));
+
+    // A named port of the container is accepted; exec and tcpSocket too.
+    let mut doc = pod_with(
+        "/spec/containers/0",
+        "livenessProbe",
+        json!({ "tcpSocket": { "port": "web" }, "periodSeconds": 2 }),
+    );
+    doc["spec"]["containers"][0]["ports"][0]["name"] = json!("web");
+    doc["spec"]["containers"][0]["startupProbe"] =
+        json!({ "exec": { "command": ["cat", "/tmp/ok"] }, "failureThreshold": 30 });
+    validate_pod(FILE, &doc).unwrap();
+}
+
+#[test]
+fn bad_probes_are_refused() {
+    let bad = [
+        (
+            json!({}),
+            "spec.containers[0].livenessProbe",
+            "exactly one handler",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "exec": { "command": ["true"] } }),
+            "spec.containers[0].livenessProbe",
+            "found 2",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 0 } }),
+            "spec.containers[0].livenessProbe.tcpSocket.port",
+            "between 1 and 65535",
+        ),
+        (
+            json!({ "tcpSocket": { "port": "nope" } }),
+            "spec.containers[0].livenessProbe.tcpSocket.port",
+            "container's ports",
+        ),
+        (
+            json!({ "httpGet": { "port": 80, "scheme": "HTTPS" } }),
+            "spec.containers[0].livenessProbe.httpGet.scheme",
+            "plain HTTP",
+        ),
+        (
+            json!({ "httpGet": { "port": 80, "host": "example.com" } }),
+            "spec.containers[0].livenessProbe.httpGet.host",
+            "pod IP",
+        ),
+        (
+            json!({ "httpGet": { "port": 80, "path": "x" } }),
+            "spec.containers[0].livenessProbe.httpGet.path",
+            "start with",
+        ),
+        (
+            json!({ "httpGet": { "port": 80, "httpHeaders": [{ "name": "a b", "value": "x" }] } }),
+            "spec.containers[0].livenessProbe.httpGet.httpHeaders[0].name",
+            "header name",
+        ),
+        (
+            json!({ "exec": { "command": [] } }),
+            "spec.containers[0].livenessProbe.exec.command",
+            "empty",
+        ),
+        (
+            json!({ "grpc": { "port": 80 } }),
+            "spec.containers[0].livenessProbe.grpc",
+            "gRPC",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "periodSeconds": 0 }),
+            "spec.containers[0].livenessProbe.periodSeconds",
+            ">= 1",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "timeoutSeconds": 0 }),
+            "spec.containers[0].livenessProbe.timeoutSeconds",
+            ">= 1",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "initialDelaySeconds": -1 }),
+            "spec.containers[0].livenessProbe.initialDelaySeconds",
+            ">= 0",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "successThreshold": 2 }),
+            "spec.containers[0].livenessProbe.successThreshold",
+            "must be 1",
+        ),
+        (
+            json!({ "tcpSocket": { "port": 80 }, "terminationGracePeriodSeconds": 5 }),
+            "spec.containers[0].livenessProbe.terminationGracePeriodSeconds",
+            "grace",
+        ),
+    ];
+    for (probe, field, why) in bad {
+        refused_with(
+            validate_pod(
+                FILE,
+                &pod_with("/spec/containers/0", "livenessProbe", probe),
+            ),
+            FILE,
+            field,
+            why,
+        );
+    }
+    // successThreshold > 1 is fine for readiness.
+    validate_pod(
+        FILE,
+        &pod_with(
+            "/spec/containers/0",
+            "readinessProbe",
+            json!({ "tcpSocket": { "port": 80 }, "successThreshold": 2 }),
+        ),
+    )
+    .unwrap();
 }
