@@ -257,18 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
     pod::import_images_now(&mgr).await;
     mgr.adopt().await;
-    let watch = match joined {
-        Some((control, assignment)) => {
-            tokio::spawn(control.run(mgr.clone(), assignment, cancel.clone()))
-        }
-        None => tokio::spawn(standalone::run(
-            args.manifest_dir
-                .clone()
-                .context("--manifest-dir is required without --control")?,
-            mgr.clone(),
-            cancel.clone(),
-        )),
-    };
+    let watch = follow_desired_state(&args, joined, &node, &mgr, &cancel)?;
 
     tokio::spawn(trim_memory(cancel.clone()));
     tokio::select! {
@@ -283,6 +272,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
     Ok(())
+}
+
+/// Starts following what the node should run: the control's stream
+/// (control mode, with the service load balancer) or the manifest directory.
+fn follow_desired_state(
+    args: &Args,
+    joined: Option<(Control, Assignment)>,
+    node: &str,
+    mgr: &pod::Manager,
+    cancel: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    Ok(match joined {
+        Some((control, assignment)) => {
+            let lb = load_lb(args, node, mgr);
+            tokio::spawn(control.run(mgr.clone(), assignment, lb, cancel.clone()))
+        }
+        None => tokio::spawn(standalone::run(
+            args.manifest_dir
+                .clone()
+                .context("--manifest-dir is required without --control")?,
+            mgr.clone(),
+            cancel.clone(),
+        )),
+    })
+}
+
+/// Loads (or adopts) the socket load balancer for services, attached at the
+/// cgroup2 root and acting only for this node's network namespaces; `None`
+/// (services not balanced, logged) if the kernel or mounts don't allow it.
+fn load_lb(
+    args: &Args,
+    node: &str,
+    mgr: &pod::Manager,
+) -> Option<std::sync::Arc<weir_agent::lb::Dataplane>> {
+    use weir_agent::lb;
+    let Some(opts) = lb::Options::host_root(&args.cgroupfs) else {
+        tracing::error!(cgroupfs = %args.cgroupfs.display(), "no cgroup2 hierarchy: services are not balanced");
+        return None;
+    };
+    let loaded = lb::Dataplane::load(&args.bpffs, node, &opts)
+        .and_then(|dp| lb::own_netns_cookie().map(|own| (dp, own)));
+    match loaded {
+        Ok((dp, own)) => {
+            let dp = std::sync::Arc::new(dp);
+            mgr.set_lb(std::sync::Arc::clone(&dp), own);
+            Some(dp)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the service load balancer: services are not balanced");
+            None
+        }
+    }
 }
 
 /// The node's joined control (control mode) and its pod, cluster and

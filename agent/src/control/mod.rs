@@ -261,11 +261,19 @@ impl Control {
 
     /// Runs heartbeats, the node watch and the status reporter until
     /// `cancel`. Pods keep running whatever happens to the control.
-    pub async fn run(self, mgr: Manager, assignment: Assignment, cancel: CancellationToken) {
+    pub async fn run(
+        self,
+        mgr: Manager,
+        assignment: Assignment,
+        lb: Option<Arc<crate::lb::Dataplane>>,
+        cancel: CancellationToken,
+    ) {
         let shared = Arc::new(Shared {
             control: self,
             mgr,
             assignment,
+            lb,
+            services: Mutex::new(services::ServiceTable::default()),
             desired: Mutex::new(Desired::default()),
             desired_changed: Notify::new(),
             started: crate::state::now_unix(),
@@ -305,6 +313,10 @@ pub(crate) struct Shared {
     pub(crate) control: Control,
     pub(crate) mgr: Manager,
     pub(crate) assignment: Assignment,
+    /// The socket load balancer, if it could be loaded.
+    pub(crate) lb: Option<Arc<crate::lb::Dataplane>>,
+    /// Every service the control sent, as the load balancer needs them.
+    pub(crate) services: Mutex<services::ServiceTable>,
     pub(crate) desired: Mutex<Desired>,
     /// Woken when the desired set changes (the reporter looks again).
     pub(crate) desired_changed: Notify,

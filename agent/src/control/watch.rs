@@ -14,6 +14,7 @@ use weir_proto::v1;
 use weir_proto::v1::node_event::Event;
 
 use super::routes::{PeerRoute, PeerRoutes};
+use super::services::ServiceTable;
 use super::{BACKOFF_INITIAL, ControlPod, Shared, events, next_backoff};
 use crate::pod::DesiredPod;
 
@@ -73,6 +74,7 @@ fn peer_route(p: &v1::PeerEvent) -> Option<PeerRoute> {
 struct Listing {
     pods: BTreeMap<String, ControlPod>,
     peers: BTreeMap<String, PeerRoute>,
+    services: ServiceTable,
 }
 
 /// How one connection's stream ended.
@@ -181,6 +183,10 @@ async fn consume(
                 *revision = ev.revision;
                 if let Some(list) = listing.take() {
                     replace(sh, list.pods);
+                    *sh.services
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = list.services;
+                    sync_services(sh);
                     if let Some(r) = routes.as_deref_mut()
                         && let Err(e) = r.sync(&list.peers).await
                     {
@@ -207,6 +213,24 @@ async fn consume(
                 *revision = ev.revision;
                 on_peer(routes.as_deref_mut(), &p).await;
             }
+            (Some(Event::Service(svc)), Some(list)) => {
+                if let Err(e) = list.services.apply(&svc) {
+                    tracing::error!(error = %e, "service from the control refused");
+                }
+            }
+            (Some(Event::Service(svc)), None) => {
+                *revision = ev.revision;
+                let changed = sh
+                    .services
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .apply(&svc);
+                match changed {
+                    Ok(true) => sync_services(sh),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "service from the control refused"),
+                }
+            }
             _ => {}
         }
     }
@@ -225,6 +249,30 @@ fn pod_of(p: &v1::PodEvent) -> Option<(String, ControlPod)> {
             tracing::error!(pod = %name, error = %e, "pod from the control refused");
             None
         }
+    }
+}
+
+/// Programs the load balancer with the service table (a diff: entries
+/// that didn't change are not written).
+fn sync_services(sh: &Shared) {
+    let Some(lb) = &sh.lb else { return };
+    let (specs, services) = {
+        let t = sh
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (t.specs(), t.len())
+    };
+    let started = std::time::Instant::now();
+    match lb.sync(&specs) {
+        Ok(stats) => tracing::debug!(
+            services,
+            ports = specs.len(),
+            took = ?started.elapsed(),
+            ?stats,
+            "service table programmed"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot program the service table"),
     }
 }
 

@@ -9,7 +9,7 @@ mod worker;
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::{Duration, Instant},
 };
 
@@ -98,6 +98,36 @@ pub(crate) struct Shared {
     /// Bumped whenever a pod's view changes or its worker ends, for
     /// whoever reports pod status (control mode).
     changes: tokio::sync::watch::Sender<u64>,
+    /// The socket load balancer (control mode): told about each pod's
+    /// network namespace so its sockets are balanced.
+    lb: OnceLock<Arc<crate::lb::Dataplane>>,
+}
+
+impl Shared {
+    /// Lets the load balancer act for a pod's sockets (its netns is up).
+    fn lb_allow(&self, uid: &str) {
+        let Some(lb) = self.lb.get() else { return };
+        let path = self.net.config().netns_dir.join(uid);
+        match crate::lb::netns_cookie(&path).map(|c| lb.allow_netns(c)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(uid, error = %e, "cannot allow the pod's netns in the load balancer");
+            }
+            Err(e) => tracing::warn!(uid, error = %e, "no netns cookie for the pod"),
+        }
+    }
+
+    /// Stops the load balancer acting for a pod's sockets (before its netns
+    /// goes).
+    fn lb_forget(&self, uid: &str) {
+        let Some(lb) = self.lb.get() else { return };
+        let path = self.net.config().netns_dir.join(uid);
+        if let Ok(cookie) = crate::lb::netns_cookie(&path)
+            && let Err(e) = lb.forget_netns(cookie)
+        {
+            tracing::warn!(uid, error = %e, "cannot forget the pod's netns in the load balancer");
+        }
+    }
 }
 
 /// Pods that may run a start step (network, containers) at the same time.
@@ -137,7 +167,37 @@ impl Manager {
             last_import: tokio::sync::Mutex::new(None),
             steps: tokio::sync::Semaphore::new(CONCURRENT_STEPS),
             changes: tokio::sync::watch::Sender::new(0),
+            lb: OnceLock::new(),
         }))
+    }
+
+    /// Hands the socket load balancer to the pods: every pod network
+    /// namespace (the existing ones now, new ones as they are made) is
+    /// allowed, and forgotten when the pod goes; `own` (the node's netns
+    /// cookie) stays allowed. Namespaces it allowed for pods that are gone
+    /// are forgotten.
+    pub fn set_lb(&self, lb: Arc<crate::lb::Dataplane>, own: u64) {
+        let mut want = vec![own];
+        for uid in self.0.net.known_pods() {
+            let path = self.0.net.config().netns_dir.join(&uid);
+            match crate::lb::netns_cookie(&path) {
+                Ok(cookie) => want.push(cookie),
+                Err(e) => tracing::warn!(uid, error = %e, "no netns cookie for a pod"),
+            }
+        }
+        for cookie in lb.allowed_netns() {
+            if !want.contains(&cookie)
+                && let Err(e) = lb.forget_netns(cookie)
+            {
+                tracing::warn!(cookie, error = %e, "cannot forget a netns in the load balancer");
+            }
+        }
+        for cookie in want {
+            if let Err(e) = lb.allow_netns(cookie) {
+                tracing::warn!(cookie, error = %e, "cannot allow a netns in the load balancer");
+            }
+        }
+        let _ = self.0.lb.set(lb);
     }
 
     /// Pods with their status, for the API.
@@ -269,6 +329,7 @@ impl Manager {
         for uid in sh.net.known_pods() {
             if !uids.contains(&uid) {
                 tracing::warn!(uid, "removing network of no known pod");
+                sh.lb_forget(&uid);
                 if let Err(e) = sh.net.teardown_pod(&uid).await {
                     tracing::warn!(uid, error = %e, "cannot remove stale pod network");
                 }

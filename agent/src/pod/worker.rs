@@ -442,6 +442,7 @@ impl Worker {
                     return self.net_failed(format!("write /etc/hosts: {e}"));
                 }
                 self.rec.net = Some(rec);
+                self.sh.lb_allow(&self.rec.uid);
                 self.netns = Some(net.netns_path);
                 self.net_error = None;
                 self.save();
@@ -833,6 +834,7 @@ impl Worker {
                 clean = false;
             }
         }
+        self.sh.lb_forget(&self.rec.uid);
         if let Err(e) = self.sh.net.teardown_pod(&self.rec.uid).await {
             tracing::warn!(error = %e, "cannot tear down pod network");
             clean = false;
