@@ -18,17 +18,21 @@ mod names;
 mod node;
 mod pod;
 mod quantity;
+mod service;
+mod service_fields;
 mod table;
 mod walk;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use check::selector_matches;
 pub use names::{dns1123_label, dns1123_subdomain};
 pub use quantity::{parse_cpu_millis, parse_memory_bytes};
+pub use service::{DEFAULT_AFFINITY_TIMEOUT, MAX_ENDPOINTS, NODE_PORT_RANGE};
 pub use table::{FieldClass, FieldRule, Inert, Part, Shape, Table};
 
 use check::Checker;
@@ -215,6 +219,32 @@ pub fn validate_event(source: &str, doc: &Value) -> Result<Valid<Event>, Manifes
     validate_with(source, doc, &fields::EVENT, "v1", |c, e| node::event(c, e))
 }
 
+/// Validate a `v1` Service and apply Kubernetes defaulting (type
+/// `ClusterIP`, port protocol `TCP`, targetPort = port, sessionAffinity
+/// `None` or `ClientIP`'s 10800 s timeout, externalTrafficPolicy `Cluster` for
+/// `NodePort`, internalTrafficPolicy `Cluster`, IPv4 single stack). Cluster IP
+/// and node ports are allocated by weir-control.
+pub fn validate_service(source: &str, doc: &Value) -> Result<Valid<Service>, ManifestError> {
+    validate_with(source, doc, &service_fields::SERVICE, "v1", |c, s| {
+        service::service(c, s)
+    })
+}
+
+/// Validate a `discovery.k8s.io/v1` `EndpointSlice` (IPv4 only, at most
+/// [`MAX_ENDPOINTS`] endpoints).
+pub fn validate_endpoint_slice(
+    source: &str,
+    doc: &Value,
+) -> Result<Valid<EndpointSlice>, ManifestError> {
+    validate_with(
+        source,
+        doc,
+        &service_fields::ENDPOINT_SLICE,
+        "discovery.k8s.io/v1",
+        |c, s| service::endpoint_slice(c, s),
+    )
+}
+
 fn validate_with<T: DeserializeOwned>(
     source: &str,
     doc: &Value,
@@ -358,6 +388,8 @@ pub fn field_table_markdown() -> String {
     out
 }
 
+#[cfg(test)]
+mod service_tests;
 #[cfg(test)]
 mod tests;
 

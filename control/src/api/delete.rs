@@ -34,7 +34,7 @@ use crate::store::{Compare, KeyValue, Op, Store};
 /// The grace a pod gets when neither the request nor the pod says.
 const DEFAULT_GRACE_SECONDS: i64 = 30;
 /// The kinds that can be dependents of an owner.
-const DEPENDENT_KINDS: [Kind; 2] = [Kind::ReplicaSet, Kind::Pod];
+const DEPENDENT_KINDS: [Kind; 3] = [Kind::ReplicaSet, Kind::Pod, Kind::EndpointSlice];
 
 /// How a Delete treats the object's dependents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,15 +134,23 @@ impl<S: Store> ObjectsApi<S> {
     }
 
     /// Compare-and-swap delete of `key` at `revision`; whether it happened.
+    /// A Service's cluster IP and node ports are released in the same
+    /// transaction.
     async fn remove(&self, key: &str, revision: u64) -> Result<bool, ApiError> {
+        let mut ops = vec![Op::Delete {
+            key: key.to_owned(),
+        }];
+        if key.starts_with(&Kind::Service.prefix("")?) {
+            match self.store.get(key).await? {
+                Some(kv) if kv.mod_revision == revision => {
+                    ops.extend(super::services::release_ops(&Stored::decode(&kv)?));
+                }
+                _ => return Ok(false),
+            }
+        }
         let result = self
             .store
-            .txn(
-                vec![(key.to_owned(), Compare::ModRevision(revision))],
-                vec![Op::Delete {
-                    key: key.to_owned(),
-                }],
-            )
+            .txn(vec![(key.to_owned(), Compare::ModRevision(revision))], ops)
             .await?;
         Ok(result.succeeded)
     }

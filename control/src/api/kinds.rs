@@ -22,6 +22,10 @@ pub enum Kind {
     Node,
     /// `v1` Event (namespaced).
     Event,
+    /// `v1` Service (namespaced).
+    Service,
+    /// `discovery.k8s.io/v1` `EndpointSlice` (namespaced).
+    EndpointSlice,
 }
 
 /// A validated manifest: the object (metadata and spec, no status), the
@@ -74,14 +78,16 @@ impl Validated {
 
 impl Kind {
     /// Every kind, in the order `weirctl get all` lists them.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Pod,
+        Self::Service,
         Self::ReplicaSet,
         Self::Deployment,
         Self::DaemonSet,
         Self::Node,
         Self::Namespace,
         Self::Event,
+        Self::EndpointSlice,
     ];
 
     /// Looks up a kind by its `kind` field.
@@ -105,6 +111,8 @@ impl Kind {
             Self::DaemonSet => "DaemonSet",
             Self::Node => "Node",
             Self::Event => "Event",
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -112,7 +120,8 @@ impl Kind {
     pub fn group(self) -> &'static str {
         match self {
             Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps",
-            Self::Namespace | Self::Pod | Self::Node | Self::Event => "core",
+            Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "core",
+            Self::EndpointSlice => "discovery.k8s.io",
         }
     }
 
@@ -120,7 +129,8 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps/v1",
-            Self::Namespace | Self::Pod | Self::Node | Self::Event => "v1",
+            Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "v1",
+            Self::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
 
@@ -134,6 +144,8 @@ impl Kind {
             Self::DaemonSet => "daemonsets",
             Self::Node => "nodes",
             Self::Event => "events",
+            Self::Service => "services",
+            Self::EndpointSlice => "endpointslices",
         }
     }
 
@@ -219,6 +231,11 @@ impl Kind {
             Self::DaemonSet => typed(self, m::validate_daemon_set(source, doc).map_err(invalid)?)?,
             Self::Node => typed(self, m::validate_node(source, doc).map_err(invalid)?)?,
             Self::Event => typed(self, m::validate_event(source, doc).map_err(invalid)?)?,
+            Self::Service => typed(self, m::validate_service(source, doc).map_err(invalid)?)?,
+            Self::EndpointSlice => typed(
+                self,
+                m::validate_endpoint_slice(source, doc).map_err(invalid)?,
+            )?,
         };
         Validated::new(source, object, warnings)
     }
@@ -226,7 +243,7 @@ impl Kind {
     /// Checks a status of this kind has the shape k8s-openapi reads.
     pub fn check_status(self, status: &Value) -> Result<(), ApiError> {
         use k8s_openapi::api::apps::v1::{DaemonSetStatus, DeploymentStatus, ReplicaSetStatus};
-        use k8s_openapi::api::core::v1::{NamespaceStatus, NodeStatus, PodStatus};
+        use k8s_openapi::api::core::v1::{NamespaceStatus, NodeStatus, PodStatus, ServiceStatus};
         let checked = match self {
             Self::Pod => serde_json::from_value::<PodStatus>(status.clone()).map(drop),
             Self::Namespace => serde_json::from_value::<NamespaceStatus>(status.clone()).map(drop),
@@ -238,7 +255,8 @@ impl Kind {
             }
             Self::DaemonSet => serde_json::from_value::<DaemonSetStatus>(status.clone()).map(drop),
             Self::Node => serde_json::from_value::<NodeStatus>(status.clone()).map(drop),
-            Self::Event => Ok(()),
+            Self::Service => serde_json::from_value::<ServiceStatus>(status.clone()).map(drop),
+            Self::Event | Self::EndpointSlice => Ok(()),
         };
         checked.map_err(|e| ApiError::Invalid(format!("status: {e}")))
     }

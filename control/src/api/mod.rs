@@ -17,10 +17,13 @@ mod kinds;
 mod namespaces;
 mod object;
 pub mod selector;
+mod services;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_lifecycle;
+#[cfg(test)]
+mod tests_services;
 mod update;
 
 use std::pin::Pin;
@@ -38,6 +41,7 @@ pub use self::namespaces::SYSTEM_NAMESPACES;
 pub use self::object::now;
 use self::object::{Stored, labels_of};
 pub use self::selector::{Selector, SelectorError};
+pub use self::services::{CLUSTER_IP_RECORDS, NODE_PORT_RECORDS};
 use crate::store::{Compare, Event, EventKind, KeyValue, Store, StoreError};
 
 /// How often a write is retried when another writer changed the object
@@ -108,11 +112,13 @@ impl From<ApiError> for Status {
 /// The `Objects` service over a store.
 pub struct ObjectsApi<S> {
     store: Arc<S>,
+    /// Where cluster IPs are allocated from.
+    service_cidr: crate::nodes::Cidr,
 }
 
 /// The `Objects` gRPC server over `store`, ready to add to a tonic router.
 pub fn service<S: Store>(store: Arc<S>) -> ObjectsServer<ObjectsApi<S>> {
-    ObjectsServer::new(ObjectsApi { store })
+    ObjectsServer::new(ObjectsApi::new(store))
 }
 
 /// The `Objects` gRPC server over an API the caller also uses in-process
@@ -125,7 +131,22 @@ impl<S: Store> ObjectsApi<S> {
     /// The API over `store`, for in-process callers: they go through the
     /// same validation, defaulting and compare-and-swap as gRPC clients.
     pub fn new(store: Arc<S>) -> Self {
-        Self { store }
+        Self {
+            store,
+            service_cidr: services::default_service_cidr(),
+        }
+    }
+
+    /// The API allocating cluster IPs from `cidr` (default 10.96.0.0/16).
+    #[must_use]
+    pub fn with_service_cidr(mut self, cidr: crate::nodes::Cidr) -> Self {
+        self.service_cidr = cidr;
+        self
+    }
+
+    /// The service CIDR cluster IPs are allocated from.
+    pub fn service_cidr(&self) -> crate::nodes::Cidr {
+        self.service_cidr
     }
 
     /// The store under the API.
@@ -216,7 +237,11 @@ impl<S: Store> ObjectsApi<S> {
             let guard = self
                 .namespace_guard(kind, desired.namespace(), current.is_none())
                 .await?;
-            let (mut compares, written, created) = match current {
+            let stored_before = match &current {
+                Some(kv) if kind == Kind::Service => Some(Stored::decode(kv)?),
+                _ => None,
+            };
+            let (mut compares, mut written, created) = match current {
                 None => {
                     if resource_version.is_some() {
                         // An update of a version that no longer exists.
@@ -246,10 +271,16 @@ impl<S: Store> ObjectsApi<S> {
                 }
             };
             compares.extend(guard);
-            let result = self
-                .store
-                .txn(compares, vec![written.put(&target.key)?])
-                .await?;
+            let mut ops = Vec::new();
+            if kind == Kind::Service {
+                let (claims, records) = self
+                    .allocate_service(stored_before.as_ref(), &mut written)
+                    .await?;
+                compares.extend(claims);
+                ops.extend(records);
+            }
+            ops.insert(0, written.put(&target.key)?);
+            let result = self.store.txn(compares, ops).await?;
             if result.succeeded {
                 return Ok(v1::ApplyResponse {
                     object: Some(written.to_object(result.revision)),

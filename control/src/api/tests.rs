@@ -364,13 +364,13 @@ async fn get_and_delete() {
     let err = h
         .client
         .get(v1::ObjectRef {
-            kind: "Service".into(),
+            kind: "ConfigMap".into(),
             ..pod_ref("web", "team-a")
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "kind Service is not supported");
+    assert_eq!(err.message(), "kind ConfigMap is not supported");
 }
 
 async fn list_names(h: &mut Harness, namespace: &str, selector: &str) -> (Vec<String>, u64) {

@@ -32,7 +32,8 @@ pub(super) fn check(kind: Kind, stored: &Stored, desired: &mut Stored) -> Result
             }
         }
         Kind::Node => node(stored, desired),
-        Kind::Namespace | Kind::Event => Ok(()),
+        Kind::Service => super::services::check_update(stored, desired),
+        Kind::Namespace | Kind::Event | Kind::EndpointSlice => Ok(()),
     }
 }
 

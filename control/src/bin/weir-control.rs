@@ -201,7 +201,7 @@ async fn serve<S: Store>(
         controllers: (!args.disable_controllers).then(|| args.controllers()),
         scheduler: args.scheduler()?,
     };
-    let api = Arc::new(api::ObjectsApi::new(store));
+    let api = Arc::new(api::ObjectsApi::new(store).with_service_cidr(args.service_cidr));
     api.ensure_default_namespaces()
         .await
         .context("create the default namespaces")?;

@@ -1,5 +1,5 @@
 //! Reconcile loops in the kube-rs style: `ReplicaSet`, `Deployment`,
-//! `DaemonSet` and node lifecycle.
+//! `DaemonSet`, node lifecycle and endpoints (Service → `EndpointSlice`).
 //!
 //! Shared informers ([`cache`]) keep typed copies of pods, `ReplicaSets`,
 //! `Deployments`, `DaemonSets` and nodes from List+Watch through the same
@@ -14,6 +14,9 @@ pub mod cache;
 mod client;
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
+#[cfg(test)]
+mod endpoints_tests;
 pub mod gc;
 pub mod meta;
 pub mod node_lifecycle;
@@ -50,7 +53,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -145,6 +149,8 @@ pub(crate) struct Ctx<S> {
     deployments: Arc<Cache<Deployment>>,
     daemonsets: Arc<Cache<DaemonSet>>,
     nodes: Arc<Cache<Node>>,
+    services: Arc<Cache<Service>>,
+    endpoint_slices: Arc<Cache<EndpointSlice>>,
     config: Config,
 }
 
@@ -160,6 +166,8 @@ impl<S: Store> Ctx<S> {
             deployments: Cache::new(Kind::Deployment, Vec::new()),
             daemonsets: Cache::new(Kind::DaemonSet, Vec::new()),
             nodes: Cache::new(Kind::Node, Vec::new()),
+            services: Cache::new(Kind::Service, Vec::new()),
+            endpoint_slices: Cache::new(Kind::EndpointSlice, Vec::new()),
             config,
         })
     }
@@ -170,6 +178,8 @@ impl<S: Store> Ctx<S> {
         self.deployments.wait_synced().await;
         self.daemonsets.wait_synced().await;
         self.nodes.wait_synced().await;
+        self.services.wait_synced().await;
+        self.endpoint_slices.wait_synced().await;
     }
 }
 
@@ -196,6 +206,8 @@ pub async fn run<S: Store>(
         tokio::spawn(Arc::clone(&ctx.deployments).run(Arc::clone(&api), shutdown.clone())),
         tokio::spawn(Arc::clone(&ctx.daemonsets).run(Arc::clone(&api), shutdown.clone())),
         tokio::spawn(Arc::clone(&ctx.nodes).run(Arc::clone(&api), shutdown.clone())),
+        tokio::spawn(Arc::clone(&ctx.services).run(Arc::clone(&api), shutdown.clone())),
+        tokio::spawn(Arc::clone(&ctx.endpoint_slices).run(Arc::clone(&api), shutdown.clone())),
     ];
     tokio::select! {
         () = ctx.wait_synced() => {}
@@ -208,6 +220,7 @@ pub async fn run<S: Store>(
         tasks.extend(daemonset::start(&ctx, &shutdown));
         tasks.extend(node_lifecycle::start(&ctx, &shutdown));
         tasks.extend(gc::start(&ctx, &shutdown));
+        tasks.extend(endpoints::start(&ctx, &shutdown));
     }
     for task in tasks {
         if let Err(e) = task.await {

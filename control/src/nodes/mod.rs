@@ -11,6 +11,9 @@
 pub mod cidr;
 pub mod filter;
 pub mod node;
+pub mod services;
+#[cfg(test)]
+mod services_tests;
 #[cfg(test)]
 mod tests;
 pub mod watch;

@@ -1,8 +1,9 @@
 //! `WatchNode`: one node's desired state as a stream of events.
 //!
 //! From revision 0 the stream lists the pods bound to the node and every
-//! routable node (as ADDED, all at the list's revision), sends a Bookmark
-//! to mark the end of that state, then follows one store watch on `/core/`
+//! routable node and every Service with its `EndpointSlice` (as ADDED, all
+//! at the list's revision), sends a Bookmark
+//! to mark the end of that state, then follows one store watch on the whole store
 //! from the list's revision, so nothing between the list and the watch is
 //! missed. From any other revision it follows the watch from there. A
 //! Bookmark with the last revision processed comes every bookmark interval;
@@ -16,10 +17,13 @@ use tonic::Status;
 use weir_proto::v1;
 
 use super::filter::{self, NODES, PODS};
+use super::services::{self, Listed, SERVICES, SLICES};
 use crate::store::{Store, StoreError, WatchReceiver};
 
-/// Everything a node's stream draws on: pods and nodes live under it.
-const CORE: &str = "/core/";
+/// Everything a node's stream draws on: pods, nodes and Services live
+/// under `/core/`, `EndpointSlices` under `/discovery.k8s.io/`; one watch on
+/// the whole store keeps them in revision order.
+const WATCHED: &str = "/";
 /// Events buffered between the stream's task and its client.
 const BUFFER: usize = 256;
 
@@ -93,7 +97,7 @@ async fn run<S: Store>(
     bookmark_every: Duration,
     tx: &Sender,
 ) -> Result<(), Status> {
-    let (rx, skip_nodes_until, start) = if from_revision == 0 {
+    let (rx, skip_nodes_until, start, listed) = if from_revision == 0 {
         let (pods, pods_at) = store.list(PODS).await.map_err(|e| store_status(&e))?;
         let (nodes, nodes_at) = store.list(NODES).await.map_err(|e| store_status(&e))?;
         for kv in &pods {
@@ -118,15 +122,23 @@ async fn run<S: Store>(
                 send(tx, event(pods_at, v1::node_event::Event::Peer(peer))).await?;
             }
         }
+        let (services, listed) = services::list(store).await.map_err(|e| store_status(&e))?;
+        for s in services {
+            send(tx, event(pods_at, v1::node_event::Event::Service(s))).await?;
+        }
         send(tx, bookmark(pods_at)).await?;
         let rx = watch(store, pods_at, tx).await?;
-        (rx, nodes_at, pods_at)
+        (rx, nodes_at, pods_at, listed)
     } else {
         let rx = watch(store, from_revision, tx).await?;
-        (rx, 0, from_revision)
+        (rx, 0, from_revision, Listed::default())
     };
     let Some(rx) = rx else { return Ok(()) };
-    follow(rx, node, skip_nodes_until, start, bookmark_every, tx).await
+    let skip = Skip {
+        nodes_until: skip_nodes_until,
+        services: listed,
+    };
+    follow(store, rx, node, skip, start, bookmark_every, tx).await
 }
 
 /// The store watch from `revision`, or `None` after telling the client to
@@ -136,7 +148,7 @@ async fn watch<S: Store>(
     revision: u64,
     tx: &Sender,
 ) -> Result<Option<WatchReceiver>, Status> {
-    match store.watch(CORE, revision).await {
+    match store.watch(WATCHED, revision).await {
         Ok(rx) => Ok(Some(rx)),
         Err(StoreError::Compacted { compacted, .. }) => {
             send(tx, resync(compacted)).await?;
@@ -146,12 +158,21 @@ async fn watch<S: Store>(
     }
 }
 
-/// Passes on the watch's events for `node` (node events at or before
-/// `skip_nodes_until` are already in the listed state), with bookmarks.
-async fn follow(
+/// What the initial list already holds: node events up to `nodes_until`,
+/// service and slice events up to `services`' revisions.
+#[derive(Debug, Clone, Copy)]
+struct Skip {
+    nodes_until: u64,
+    services: Listed,
+}
+
+/// Passes on the watch's events for `node` (those the initial list already
+/// holds are skipped), with bookmarks.
+async fn follow<S: Store>(
+    store: &S,
     mut rx: WatchReceiver,
     node: &str,
-    skip_nodes_until: u64,
+    skip: Skip,
     mut last: u64,
     bookmark_every: Duration,
     tx: &Sender,
@@ -174,8 +195,16 @@ async fn follow(
                     let key = ev.kv.key.as_str();
                     let out = if key.starts_with(PODS) {
                         filter::pod_event(node, &ev).map(v1::node_event::Event::Pod)
-                    } else if key.starts_with(NODES) && ev.revision() > skip_nodes_until {
-                        filter::peer_event(&ev).map(v1::node_event::Event::Peer)
+                    } else if key.starts_with(NODES) {
+                        (ev.revision() > skip.nodes_until)
+                            .then(|| filter::peer_event(&ev))
+                            .flatten()
+                            .map(v1::node_event::Event::Peer)
+                    } else if key.starts_with(SERVICES) || key.starts_with(SLICES) {
+                        services::event(store, &ev, skip.services)
+                            .await
+                            .map_err(|e| store_status(&e))?
+                            .map(v1::node_event::Event::Service)
                     } else {
                         None
                     };

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use super::table::{FieldClass, FieldRule, Inert, Part, Shape, Table};
 
-const fn used(path: &'static str, shape: Shape, note: &'static str) -> FieldRule {
+pub(super) const fn used(path: &'static str, shape: Shape, note: &'static str) -> FieldRule {
     FieldRule {
         path,
         class: FieldClass::Used {
@@ -16,7 +16,7 @@ const fn used(path: &'static str, shape: Shape, note: &'static str) -> FieldRule
     }
 }
 
-const fn required(path: &'static str, shape: Shape, note: &'static str) -> FieldRule {
+pub(super) const fn required(path: &'static str, shape: Shape, note: &'static str) -> FieldRule {
     FieldRule {
         path,
         class: FieldClass::Used {
@@ -27,11 +27,11 @@ const fn required(path: &'static str, shape: Shape, note: &'static str) -> Field
     }
 }
 
-const fn warn(path: &'static str, why: &'static str) -> FieldRule {
+pub(super) const fn warn(path: &'static str, why: &'static str) -> FieldRule {
     warn_unless(path, Inert::Empty, why)
 }
 
-const fn warn_unless(path: &'static str, inert: Inert, why: &'static str) -> FieldRule {
+pub(super) const fn warn_unless(path: &'static str, inert: Inert, why: &'static str) -> FieldRule {
     FieldRule {
         path,
         class: FieldClass::Warn {
@@ -42,7 +42,7 @@ const fn warn_unless(path: &'static str, inert: Inert, why: &'static str) -> Fie
     }
 }
 
-const fn dropped(path: &'static str, why: &'static str) -> FieldRule {
+pub(super) const fn dropped(path: &'static str, why: &'static str) -> FieldRule {
     FieldRule {
         path,
         class: FieldClass::Warn {
@@ -53,18 +53,22 @@ const fn dropped(path: &'static str, why: &'static str) -> FieldRule {
     }
 }
 
-const fn refused(path: &'static str, why: &'static str) -> FieldRule {
+pub(super) const fn refused(path: &'static str, why: &'static str) -> FieldRule {
     refused_unless(path, Inert::Empty, why)
 }
 
-const fn refused_unless(path: &'static str, inert: Inert, why: &'static str) -> FieldRule {
+pub(super) const fn refused_unless(
+    path: &'static str,
+    inert: Inert,
+    why: &'static str,
+) -> FieldRule {
     FieldRule {
         path,
         class: FieldClass::Refused { inert, why },
     }
 }
 
-const SERVER_SET: &str = "set by weir, not read from manifests";
+pub(super) const SERVER_SET: &str = "set by weir, not read from manifests";
 const NO_PULL: &str = "weir never pulls images; the image must already be in containerd";
 const ONE_NODE: &str = "weir-agent runs the pod on its own node";
 const PROBE_PORT: &str = "1..=65535, or the name of one of the container's ports";
@@ -80,7 +84,7 @@ const FROM_OWNER: &str = "the controller sets it on the pods it creates";
 
 /// `metadata` of a whole object (every kind).
 #[rustfmt::skip]
-static OBJECT_META: &[FieldRule] = &[
+pub(super) static OBJECT_META: &[FieldRule] = &[
     required("metadata", Shape::Object, ""),
     required("metadata.name", Shape::String, "DNS-1123 subdomain, at most 253 characters (Namespace: DNS-1123 label)"),
     used("metadata.namespace", Shape::String, "namespaced kinds: DNS-1123 label, default `default`, must exist; cluster-scoped kinds: must be empty"),
@@ -510,7 +514,7 @@ static OBJECT_REFERENCE: &[FieldRule] = &[
     used("fieldPath", Shape::String, ""),
 ];
 
-static OBJECT_REFERENCE_PARTS: &[Part] = &[Part::Rows(OBJECT_REFERENCE)];
+pub(super) static OBJECT_REFERENCE_PARTS: &[Part] = &[Part::Rows(OBJECT_REFERENCE)];
 
 /// The `v1` Event rows.
 #[rustfmt::skip]
