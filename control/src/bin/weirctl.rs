@@ -34,6 +34,8 @@ mod printers;
 mod resource;
 #[path = "weirctl/rollout.rs"]
 mod rollout;
+#[path = "weirctl/services.rs"]
+mod services;
 
 use std::time::Duration;
 
