@@ -958,3 +958,234 @@ fn weirctl_deletes_by_name_label_and_file() -> anyhow::Result<()> {
     assert!(err.contains("no name was specified"), "{err}");
     Ok(())
 }
+
+const WEB_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n";
+const API_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec:\n  selector: {app: api, tier: back}\n  ports: [{port: 443, protocol: TCP}]\n";
+
+/// The slice the endpoints controller would write for `web`: two ready pods
+/// and one not ready.
+fn web_slice(service_uid: &str) -> String {
+    let endpoint = |ip: &str, ready: bool| {
+        format!(
+            "  - {{addresses: [\"{ip}\"], conditions: {{ready: {ready}, serving: {ready}, terminating: false}}, nodeName: n1, targetRef: {{kind: Pod, namespace: default, name: web-{}}}}}\n",
+            ip.replace('.', "-")
+        )
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web\n  labels: {{kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: endpointslice-controller.weir}}\n  ownerReferences: [{{apiVersion: v1, kind: Service, name: web, uid: \"{service_uid}\", controller: true, blockOwnerDeletion: true}}]\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{}{}{}",
+        endpoint("10.244.1.5", true),
+        endpoint("10.244.1.6", false),
+        endpoint("10.244.2.7", true),
+    )
+}
+
+#[test]
+fn weirctl_shows_services_and_endpoint_slices_like_kubectl() -> anyhow::Result<()> {
+    let env = Env::start("svc")?;
+    assert_eq!(env.apply(WEB_SVC)?, "service/web created\n");
+    assert_eq!(env.apply(API_SVC)?, "service/api created\n");
+    let web = env.json(&["get", "svc", "web"])?;
+    let web_ip = web["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let api = env.json(&["get", "service/api"])?;
+    let api_ip = api["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        web_ip.starts_with("10.96.") && api_ip.starts_with("10.96."),
+        "{web_ip} {api_ip}"
+    );
+    assert_ne!(web_ip, api_ip);
+    let uid = env.uid(&["get", "svc", "web"])?;
+    assert_eq!(
+        env.apply(&web_slice(&uid))?,
+        "endpointslice.discovery.k8s.io/web created\n"
+    );
+
+    service_tables(&env, &web_ip, &api_ip)?;
+    describe_service(&env, &web_ip)?;
+
+    // get all: services after pods.
+    env.apply(POD)?;
+    let out = env.ok(&["get", "all"])?;
+    let pods_at = out
+        .find("pod/web")
+        .ok_or_else(|| anyhow::anyhow!("no pod: {out}"))?;
+    let svc_at = out
+        .find("service/web")
+        .ok_or_else(|| anyhow::anyhow!("no service: {out}"))?;
+    assert!(pods_at < svc_at && out.contains("service/api"), "{out}");
+    assert!(out.contains("PORT(S)"), "{out}");
+
+    service_refusals(&env)?;
+
+    // delete svc.
+    assert_eq!(
+        env.ok(&["delete", "svc", "api"])?,
+        "service \"api\" deleted\n"
+    );
+    assert_eq!(env.ok(&["get", "svc", "-o", "name"])?, "service/web\n");
+    Ok(())
+}
+
+/// get svc / endpointslices for the services seeded above.
+fn service_tables(env: &Env, web_ip: &str, api_ip: &str) -> anyhow::Result<()> {
+    // get svc: kubectl's columns, sorted by name.
+    let out = env.ok(&["get", "svc"])?;
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        rows[1][..5],
+        ["api", "ClusterIP", api_ip, "<none>", "443/TCP"],
+        "{out}"
+    );
+    assert_eq!(
+        rows[2][..5],
+        ["web", "NodePort", web_ip, "<none>", "80:30080/TCP"],
+        "{out}"
+    );
+    assert_eq!(rows.len(), 3, "{out}");
+    let out = env.ok(&["get", "services", "-o", "wide"])?;
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0].last(), Some(&"SELECTOR"), "{out}");
+    assert_eq!(rows[1].last(), Some(&"app=api,tier=back"), "{out}");
+    assert_eq!(rows[2].last(), Some(&"app=web"), "{out}");
+    assert_eq!(
+        env.ok(&["get", "svc", "-o", "name"])?,
+        "service/api\nservice/web\n"
+    );
+
+    // get endpointslices: every address, as kubectl lists them.
+    for kind in [
+        "endpointslices",
+        "endpointslice",
+        "endpointslices.discovery.k8s.io",
+    ] {
+        let out = env.ok(&["get", kind])?;
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+            "{out}"
+        );
+        assert_eq!(
+            rows[1][..4],
+            ["web", "IPv4", "8080", "10.244.1.5,10.244.1.6,10.244.2.7"],
+            "{out}"
+        );
+    }
+    assert_eq!(
+        env.ok(&["get", "endpointslices", "-o", "name"])?,
+        "endpointslice.discovery.k8s.io/web\n"
+    );
+    Ok(())
+}
+
+/// describe svc for the services seeded above.
+fn describe_service(env: &Env, web_ip: &str) -> anyhow::Result<()> {
+    // describe svc: the ready endpoints at the target port.
+    let out = env.ok(&["describe", "svc", "web"])?;
+    let field = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key}:")))
+            .map(|l| l[key.len() + 1..].trim().to_owned())
+    };
+    assert_eq!(field("Name").as_deref(), Some("web"), "{out}");
+    assert_eq!(field("Namespace").as_deref(), Some("default"), "{out}");
+    assert_eq!(field("Labels").as_deref(), Some("app=web"), "{out}");
+    assert_eq!(field("Selector").as_deref(), Some("app=web"), "{out}");
+    assert_eq!(field("Type").as_deref(), Some("NodePort"), "{out}");
+    assert_eq!(field("IP").as_deref(), Some(web_ip), "{out}");
+    assert_eq!(field("IPs").as_deref(), Some(web_ip), "{out}");
+    assert_eq!(field("Port").as_deref(), Some("http  80/TCP"), "{out}");
+    assert_eq!(field("TargetPort").as_deref(), Some("8080/TCP"), "{out}");
+    assert_eq!(
+        field("NodePort").as_deref(),
+        Some("http  30080/TCP"),
+        "{out}"
+    );
+    assert_eq!(
+        field("Endpoints").as_deref(),
+        Some("10.244.1.5:8080,10.244.2.7:8080"),
+        "{out}"
+    );
+    assert_eq!(field("Session Affinity").as_deref(), Some("None"), "{out}");
+    assert_eq!(
+        field("External Traffic Policy").as_deref(),
+        Some("Cluster"),
+        "{out}"
+    );
+    assert_eq!(field("Events").as_deref(), Some("<none>"), "{out}");
+    let out = env.ok(&["describe", "svc", "api"])?;
+    // No slice (the controllers are off): no endpoints.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Endpoints:") && l.ends_with(" <none>")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("NodePort:") && !out.contains("External Traffic Policy"),
+        "{out}"
+    );
+    Ok(())
+}
+
+/// Services the server refuses: exit 1 with its message naming the field.
+fn service_refusals(env: &Env) -> anyhow::Result<()> {
+    // Refusals name the field, with the server's message.
+    let err = env.fails(&["apply", "-f", &write(env, "lb", "apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  ports: [{port: 80}]\n")?])?;
+    assert!(
+        err.starts_with("Error from server (BadRequest): ")
+            && err.contains("spec.type")
+            && err.contains("LoadBalancer"),
+        "{err}"
+    );
+    let err = env.fails(&["apply", "-f", &write(env, "big", "apiVersion: v1\nkind: Service\nmetadata: {name: big}\nspec:\n  ports: [{port: 70000}]\n")?])?;
+    assert!(
+        err.starts_with("Error from server (BadRequest): ")
+            && err.contains("spec.ports[0].port")
+            && err.contains("70000"),
+        "{err}"
+    );
+    let err = env.fails(&["apply", "-f", &write(env, "clash", "apiVersion: v1\nkind: Service\nmetadata: {name: clash}\nspec:\n  type: NodePort\n  ports: [{port: 81, nodePort: 30080}]\n")?])?;
+    assert!(
+        err.starts_with("Error from server ")
+            && err.contains("spec.ports[0].nodePort")
+            && err.contains("30080")
+            && err.contains("already allocated"),
+        "{err}"
+    );
+    let err = env.fails(&["get", "svc", "clash"])?;
+    assert!(err.contains("services \"clash\" not found"), "{err}");
+    Ok(())
+}
+
+/// A manifest in the env's directory; its path.
+fn write(env: &Env, name: &str, yaml: &str) -> anyhow::Result<String> {
+    let path = env.dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    Ok(path.display().to_string())
+}

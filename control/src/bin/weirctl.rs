@@ -34,6 +34,8 @@ mod printers;
 mod resource;
 #[path = "weirctl/rollout.rs"]
 mod rollout;
+#[path = "weirctl/services.rs"]
+mod services;
 
 use std::time::Duration;
 
@@ -71,8 +73,9 @@ enum Cmd {
     },
     /// List objects as a table, or show some by name. Types: pods (po),
     /// deployments (deploy), replicasets (rs), daemonsets (ds), nodes (no),
-    /// namespaces (ns), events (ev), and `all` (pods, daemonsets,
-    /// deployments, replicasets). `get deploy web api`, `get deploy/web`.
+    /// namespaces (ns), events (ev), services (svc), endpointslices, and
+    /// `all` (pods, services, daemonsets, deployments, replicasets).
+    /// `get deploy web api`, `get deploy/web`.
     Get {
         /// TYPE [NAME...] or TYPE/NAME...
         #[arg(required = true)]

@@ -556,8 +556,17 @@ pub(super) static EVENT: LazyLock<Table> = LazyLock::new(|| {
 });
 
 /// Every table, for the README and the consistency test.
-pub(super) fn all() -> [&'static Table; 6] {
-    [&POD, &REPLICA_SET, &DEPLOYMENT, &DAEMON_SET, &NODE, &EVENT]
+pub(super) fn all() -> [&'static Table; 8] {
+    [
+        &POD,
+        &REPLICA_SET,
+        &DEPLOYMENT,
+        &DAEMON_SET,
+        &NODE,
+        &EVENT,
+        &super::service_fields::SERVICE,
+        &super::service_fields::ENDPOINT_SLICE,
+    ]
 }
 
 /// The path prefixes the README summarises for workload tables.

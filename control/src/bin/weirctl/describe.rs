@@ -85,6 +85,20 @@ async fn describe(api: &Api, r: Resource, v: &Value, events: &[Value]) -> anyhow
         }
         Resource::Namespace => namespace(&mut d, v),
         Resource::Event => event(&mut d, v),
+        Resource::Service => {
+            let selector = format!("kubernetes.io/service-name={}", name_of(v));
+            let (slices, _) = api
+                .list(Resource::EndpointSlice, ns_of(v), &selector)
+                .await?;
+            header(&mut d, v, true);
+            labels_annotations(&mut d, 0, &v["metadata"]);
+            crate::services::describe_service(&mut d, v, &slices);
+        }
+        Resource::EndpointSlice => {
+            header(&mut d, v, true);
+            labels_annotations(&mut d, 0, &v["metadata"]);
+            crate::services::describe_endpoint_slice(&mut d, v);
+        }
     }
     if r != Resource::Event {
         events_section(&mut d, events, crate::format::now());

@@ -43,8 +43,9 @@ pub struct GetArgs {
 }
 
 /// The kinds `get all` shows, in kubectl's order.
-const ALL: [Resource; 4] = [
+const ALL: [Resource; 5] = [
     Resource::Pod,
+    Resource::Service,
     Resource::DaemonSet,
     Resource::Deployment,
     Resource::ReplicaSet,

@@ -67,6 +67,18 @@ pub fn header(r: Resource, o: &Options) -> Vec<&'static str> {
             &["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
             &["SUBOBJECT", "SOURCE", "FIRST SEEN", "COUNT", "NAME"],
         ),
+        Resource::Service => (
+            &[
+                "NAME",
+                "TYPE",
+                "CLUSTER-IP",
+                "EXTERNAL-IP",
+                "PORT(S)",
+                "AGE",
+            ],
+            &["SELECTOR"],
+        ),
+        Resource::EndpointSlice => (&["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], &[]),
     };
     h.extend_from_slice(base);
     if o.wide {
@@ -168,6 +180,14 @@ pub fn row(r: Resource, v: &Value, o: &Options) -> Vec<String> {
             ]);
         }
         Resource::Event => event_row(v, name, o, &mut cells),
+        Resource::Service => {
+            cells.push(name);
+            cells.extend(crate::services::service_cells(v, created, o.wide));
+        }
+        Resource::EndpointSlice => {
+            cells.push(name);
+            cells.extend(crate::services::endpoint_slice_cells(v, created));
+        }
     }
     cells
 }

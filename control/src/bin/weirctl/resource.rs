@@ -14,6 +14,8 @@ pub enum Resource {
     Node,
     Namespace,
     Event,
+    Service,
+    EndpointSlice,
 }
 
 impl Resource {
@@ -30,6 +32,8 @@ impl Resource {
             "no" | "node" | "nodes" => Self::Node,
             "ns" | "namespace" | "namespaces" => Self::Namespace,
             "ev" | "event" | "events" => Self::Event,
+            "svc" | "service" | "services" => Self::Service,
+            "endpointslice" | "endpointslices" => Self::EndpointSlice,
             _ => bail!("the server doesn't have a resource type \"{arg}\""),
         })
     }
@@ -44,6 +48,8 @@ impl Resource {
             "Node" => Self::Node,
             "Namespace" => Self::Namespace,
             "Event" => Self::Event,
+            "Service" => Self::Service,
+            "EndpointSlice" => Self::EndpointSlice,
             _ => return None,
         })
     }
@@ -58,6 +64,8 @@ impl Resource {
             Self::Node => "Node",
             Self::Namespace => "Namespace",
             Self::Event => "Event",
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -65,7 +73,8 @@ impl Resource {
     pub fn api_version(self) -> &'static str {
         match self {
             Self::Deployment | Self::ReplicaSet | Self::DaemonSet => "apps/v1",
-            Self::Pod | Self::Node | Self::Namespace | Self::Event => "v1",
+            Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::Pod | Self::Node | Self::Namespace | Self::Event | Self::Service => "v1",
         }
     }
 
@@ -79,6 +88,8 @@ impl Resource {
             Self::Node => "nodes",
             Self::Namespace => "namespaces",
             Self::Event => "events",
+            Self::Service => "services",
+            Self::EndpointSlice => "endpointslices",
         }
     }
 
@@ -92,6 +103,8 @@ impl Resource {
             Self::Node => "node",
             Self::Namespace => "namespace",
             Self::Event => "event",
+            Self::Service => "service",
+            Self::EndpointSlice => "endpointslice.discovery.k8s.io",
         }
     }
 
@@ -160,6 +173,10 @@ mod tests {
             ("no", Resource::Node),
             ("ns", Resource::Namespace),
             ("ev", Resource::Event),
+            ("svc", Resource::Service),
+            ("services", Resource::Service),
+            ("endpointslice", Resource::EndpointSlice),
+            ("endpointslices.discovery.k8s.io", Resource::EndpointSlice),
         ] {
             assert_eq!(Resource::parse(arg).expect(arg), r);
         }
