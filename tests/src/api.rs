@@ -179,3 +179,18 @@ pub fn heartbeat(node: &Value) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// The addresses of an `EndpointSlice`'s endpoints whose `ready` condition
+/// is true (absent counts as ready, as Kubernetes reads it).
+pub fn ready_addresses(slice: &Value) -> Vec<String> {
+    let mut out: Vec<String> = slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["conditions"]["ready"].as_bool().unwrap_or(true))
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    out.sort();
+    out
+}

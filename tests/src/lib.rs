@@ -544,6 +544,36 @@ impl Node {
         sh("nsenter", &all)
     }
 
+    /// Where the node's balancer pins map `map` (e.g. `weir_svc_v1`).
+    pub fn lb_pin(&self, map: &str) -> PathBuf {
+        Path::new("/sys/fs/bpf/weir").join(&self.name).join(map)
+    }
+
+    /// The entries of the node's pinned map `map` as the kernel holds them
+    /// (read with `bpftool` as an observer): (key bytes, value bytes).
+    pub fn lb_map(&self, map: &str) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        bpf_map_entries(&self.lb_pin(map))
+    }
+
+    /// The ids of the balancer's pinned links, by program (the same ids
+    /// after an agent restart mean the links were adopted, not re-made).
+    pub fn lb_link_ids(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let dir = self.lb_pin("lb-links");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let e = e?;
+            let pin = e.path().display().to_string();
+            let v: Value =
+                serde_json::from_str(&sh("bpftool", &["-j", "link", "show", "pinned", &pin])?)?;
+            let id = v["id"]
+                .as_u64()
+                .with_context(|| format!("no link id in {v}"))?;
+            out.push((e.file_name().to_string_lossy().into_owned(), id));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// The agent's metrics text.
     pub fn metrics(&self) -> anyhow::Result<String> {
         Ok(http_get(self.api(), "/metrics", Duration::from_secs(5))?.1)
@@ -1031,6 +1061,54 @@ pub fn http_get_in(
 ) -> anyhow::Result<(u16, String)> {
     let path = path.to_owned();
     in_netns(netns, move || http_get(addr, &path, timeout))
+}
+
+/// The entries of the pinned eBPF map at `pin` (`bpftool -j map dump`,
+/// as an observer): (key bytes, value bytes).
+pub fn bpf_map_entries(pin: &Path) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let out = sh(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.display().to_string()],
+    )?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("bpftool said {out}"))?;
+    let bytes = |v: &Value| -> anyhow::Result<Vec<u8>> {
+        v.as_array()
+            .with_context(|| format!("not a byte array: {v}"))?
+            .iter()
+            .map(|b| {
+                let h = b.as_str().unwrap_or_default().trim_start_matches("0x");
+                u8::from_str_radix(h, 16).with_context(|| format!("not a hex byte: {b}"))
+            })
+            .collect()
+    };
+    v.as_array()
+        .with_context(|| format!("bpftool dump is not a list: {out}"))?
+        .iter()
+        .map(|e| Ok((bytes(&e["key"])?, bytes(&e["value"])?)))
+        .collect()
+}
+
+/// A TCP connect from inside the network namespace at `netns`: the
+/// connected stream (its socket stays in that netns) or the error, and
+/// how long the connect took.
+pub fn tcp_connect_in(
+    netns: &Path,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<(std::io::Result<TcpStream>, Duration)> {
+    in_netns(netns, move || {
+        let start = Instant::now();
+        let r = TcpStream::connect_timeout(&addr, timeout);
+        Ok((r, start.elapsed()))
+    })
+}
+
+/// A UDP socket bound to `addr` inside the network namespace at `netns`
+/// (it stays there whichever thread uses it).
+pub fn udp_bind_in(netns: &Path, addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    in_netns(netns, move || {
+        std::net::UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))
+    })
 }
 
 /// Removes a cgroup directory and everything below it, deepest first.
