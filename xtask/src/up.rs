@@ -7,8 +7,10 @@
 //! the host to each node's pod CIDR. weir-control runs on the host with its
 //! embedded store; one weir-agent per node runs in the node's namespace (it
 //! enters it itself), all sharing one containerd with weir's own config and
-//! paths. The manifests in `examples/` (a Deployment of six HTTP servers and
-//! a client pod) are applied with weirctl and shown answering across nodes.
+//! paths. The manifests in `examples/` (a Deployment of six HTTP servers, a
+//! Service in front of them and a client pod) are applied with weirctl and
+//! shown answering across nodes, directly and through the Service's
+//! ClusterIP.
 
 use std::{
     path::{Path, PathBuf},
@@ -310,6 +312,38 @@ fn demo(pods: &[Value]) -> anyhow::Result<()> {
         nodes_used.len(),
         nodes_used.into_iter().collect::<Vec<_>>().join(", ")
     );
+    through_service(&netns)
+}
+
+/// HTTP from the client pod to the `web` service's `ClusterIP`: each request
+/// is balanced to a ready pod at connect time by the agent's eBPF programs.
+fn through_service(netns: &str) -> anyhow::Result<()> {
+    let services = items(&["services"]);
+    let vip = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "web")
+        .and_then(|s| s["spec"]["clusterIP"].as_str())
+        .context("the web service from examples/web-service.yaml has no clusterIP")?
+        .to_owned();
+    let url = format!("http://{vip}/");
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..12 {
+        let body =
+            weir_tests::wait_for(&format!("{url} answering"), Duration::from_secs(20), || {
+                let out = Command::new("nsenter")
+                    .args([netns, "busybox", "wget", "-qO-", &url])
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            })?;
+        *answers.entry(body).or_default() += 1;
+    }
+    println!("client -> service web ({vip}:80), 12 requests, balanced in eBPF:");
+    for (body, n) in answers {
+        println!("  {n:>2} x {body}");
+    }
     Ok(())
 }
 
@@ -346,12 +380,38 @@ pub fn down() {
         quiet("kill", &[&pid.to_string()]);
         let _ = std::fs::remove_file(&cd_pid);
     }
+    // Whatever the delete above didn't stop (weir-control gone, a refused
+    // manifest): the shims of weir's containerd, and with them the pods.
+    quiet(
+        "pkill",
+        &[
+            "-9",
+            "-f",
+            &format!("containerd-shim.*-address {}", socket().display()),
+        ],
+    );
+    // Their rootfs mounts, which containerd would have removed.
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for target in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if target.starts_with(CONTAINERD_DIR) {
+                quiet("umount", &["-l", target]);
+            }
+        }
+    }
     for i in 1..=NODES {
         let (name, _) = node(i);
         quiet("ip", &["route", "del", &format!("10.244.{i}.0/24")]);
         quiet("ip", &["netns", "del", &name]);
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/weir/{name}"));
         let netns_dir = format!("/run/weir/netns/{name}");
+        for pod in std::fs::read_dir(&netns_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            quiet("umount", &["-l", &pod.path().to_string_lossy()]);
+            let _ = std::fs::remove_file(pod.path());
+        }
         quiet("umount", &["-l", &netns_dir]);
         let _ = std::fs::remove_dir(&netns_dir);
         let _ = std::fs::remove_dir_all(format!("/run/weir/{name}"));
@@ -361,7 +421,9 @@ pub fn down() {
             .flatten()
             .flatten()
         {
-            let _ = std::fs::remove_dir(hierarchy.path().join(format!("weir-{name}")));
+            let tree = hierarchy.path().join(format!("weir-{name}"));
+            kill_cgroup_tree(&tree);
+            weir_tests::remove_cgroup_tree(&tree);
         }
     }
     quiet("ip", &["link", "del", BRIDGE]);
@@ -370,6 +432,26 @@ pub fn down() {
     }
     let _ = std::fs::remove_dir_all(CONTROL_STORE);
     eprintln!("weir is down");
+}
+
+/// SIGKILLs every process left in a cgroup tree (containers whose shim is
+/// gone run on, reparented to init).
+fn kill_cgroup_tree(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            kill_cgroup_tree(&e.path());
+        }
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.split_whitespace() {
+        quiet("kill", &["-9", pid]);
+    }
+    if !procs.trim().is_empty() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Kills the process in `name`'s pidfile and waits for it to go.
