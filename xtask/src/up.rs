@@ -10,7 +10,7 @@
 //! paths. The manifests in `examples/` (a Deployment of six HTTP servers, a
 //! Service in front of them and a client pod) are applied with weirctl and
 //! shown answering across nodes, directly and through the Service's
-//! ClusterIP.
+//! `ClusterIP`.
 
 use std::{
     path::{Path, PathBuf},
