@@ -172,7 +172,7 @@ impl Client {
         let got = wait_for(&format!("{what} from {}", self.node), PROGRAMMED, || {
             let (code, out) = self.run(c, &format!("nslookup {name}")).ok()?;
             let pass = ok(code, &out);
-            last = out.clone();
+            last.clone_from(&out);
             pass.then_some(out)
         });
         got.with_context(|| format!("last nslookup {name} output: {last}"))
