@@ -5,12 +5,13 @@
 //! adopts the eBPF programs and pinned maps, `pod` runs the per-pod lifecycle,
 //! `standalone` turns a manifest directory into desired pods, `control`
 //! follows weir-control (register, heartbeat, node watch, status reports), `http` serves
-//! metrics, pod status and logs.
+//! metrics, pod status and logs, `dns` answers the cluster domain (control mode).
 
 pub mod cgroup;
 pub mod control;
 pub mod cri;
 pub mod dataplane;
+pub mod dns;
 pub mod http;
 pub mod lb;
 pub mod net;

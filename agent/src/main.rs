@@ -83,6 +83,16 @@ struct Args {
     #[arg(long, default_value = "10.96.0.0/16", value_name = "CIDR")]
     service_cidr: Cidr,
 
+    /// The cluster DNS domain (control mode): the agent answers
+    /// `<svc>.<ns>.svc.<domain>` on its node IP, port 53.
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    cluster_domain: String,
+
+    /// The DNS service IP pods get as their nameserver (control mode);
+    /// each node sends it to its own DNS server.
+    #[arg(long, default_value = "10.96.0.10", value_name = "IP")]
+    cluster_dns: std::net::Ipv4Addr,
+
     /// Directory of Pod manifests (standalone mode).
     #[arg(long, value_name = "DIR", required_unless_present = "control")]
     manifest_dir: Option<PathBuf>,
@@ -227,6 +237,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             image_dir: args.image_dir.clone(),
             backoff_initial: args.backoff_initial,
             backoff_max: args.backoff_max,
+            dns: args.control.as_ref().map(|_| pod::PodDns {
+                nameserver: args.cluster_dns,
+                domain: args.cluster_domain.clone(),
+            }),
         },
         rt,
         net,
@@ -286,7 +300,8 @@ fn follow_desired_state(
     Ok(match joined {
         Some((control, assignment)) => {
             let lb = load_lb(args, node, mgr);
-            tokio::spawn(control.run(mgr.clone(), assignment, lb, cancel.clone()))
+            let dns = cluster_dns(args)?;
+            tokio::spawn(control.run(mgr.clone(), assignment, lb, dns, cancel.clone()))
         }
         None => tokio::spawn(standalone::run(
             args.manifest_dir
@@ -324,6 +339,22 @@ fn load_lb(
             None
         }
     }
+}
+
+/// Cluster DNS settings (control mode), None if the node IP is not an
+/// IPv4 address.
+fn cluster_dns(args: &Args) -> anyhow::Result<Option<control::ClusterDns>> {
+    let Some(ip) = &args.node_ip else {
+        return Ok(None);
+    };
+    let node_ip = ip
+        .parse::<std::net::Ipv4Addr>()
+        .with_context(|| format!("--node-ip {ip:?} is not an IPv4 address (cluster DNS)"))?;
+    Ok(Some(control::ClusterDns {
+        zone: std::sync::Arc::new(weir_agent::dns::Zone::new(&args.cluster_domain)),
+        service_ip: args.cluster_dns,
+        node_ip,
+    }))
 }
 
 /// The node's joined control (control mode) and its pod, cluster and

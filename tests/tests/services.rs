@@ -718,6 +718,16 @@ fn delete_empties_the_maps(
     api.delete("Service", "default", "web")?;
     api.delete("Service", "default", "nobody")?;
     for n in &c.cluster.nodes {
+        // Only the node's own cluster DNS entry (10.96.0.10:53 UDP and TCP →
+        // the node's DNS server on port 53, one slot each) may stay.
+        let dns_only = |map: &str, e: &[(Vec<u8>, Vec<u8>)]| match map {
+            "weir_svc_v1" => e
+                .iter()
+                .all(|(k, _)| k.starts_with(&[10, 96, 0, 10, 0, 53])),
+            "weir_svc_slots_v1" => e.len() <= 2,
+            "weir_backends_v1" => e.iter().all(|(_, v)| v.get(4..6) == Some(&[0, 53][..])),
+            _ => e.is_empty(),
+        };
         for map in [
             "weir_svc_v1",
             "weir_svc_slots_v1",
@@ -725,7 +735,7 @@ fn delete_empties_the_maps(
             "weir_affinity_v1",
         ] {
             wait_for(&format!("{}: {map} empty", n.name), PROGRAMMED, || {
-                n.lb_map(map).ok().filter(Vec::is_empty)
+                n.lb_map(map).ok().filter(|e| dns_only(map, e))
             })
             .with_context(|| format!("{map} holds {:?}", n.lb_map(map)))?;
         }

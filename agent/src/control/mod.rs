@@ -51,6 +51,36 @@ pub struct Settings {
     pub version: String,
 }
 
+/// Cluster DNS (control mode): the zone the node's server answers from,
+/// fed from the service table, and the local service entry that sends the
+/// conventional DNS service IP to it.
+#[derive(Debug, Clone)]
+pub struct ClusterDns {
+    /// The zone the node's DNS server answers from.
+    pub zone: Arc<crate::dns::Zone>,
+    /// The DNS service IP pods use (`--cluster-dns`, 10.96.0.10).
+    pub service_ip: std::net::Ipv4Addr,
+    /// This node's IP: the server listens on port 53 there.
+    pub node_ip: std::net::Ipv4Addr,
+}
+
+impl ClusterDns {
+    /// Port 53.
+    pub const PORT: u16 = 53;
+
+    /// The socket-LB entries (UDP and TCP) from the DNS service IP to this
+    /// node's server.
+    pub fn local_specs(&self) -> [crate::lb::ServiceSpec; 2] {
+        [crate::lb::Protocol::Udp, crate::lb::Protocol::Tcp].map(|proto| crate::lb::ServiceSpec {
+            vip: self.service_ip,
+            port: Self::PORT,
+            proto,
+            backends: vec![(self.node_ip, Self::PORT)],
+            affinity: None,
+        })
+    }
+}
+
 /// Why control mode could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -266,13 +296,24 @@ impl Control {
         mgr: Manager,
         assignment: Assignment,
         lb: Option<Arc<crate::lb::Dataplane>>,
+        dns: Option<ClusterDns>,
         cancel: CancellationToken,
     ) {
+        let dns_task = dns.as_ref().map(|d| {
+            let addr = std::net::SocketAddr::from((d.node_ip, ClusterDns::PORT));
+            let (zone, cancel) = (d.zone.clone(), cancel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::dns::serve(addr, zone, cancel).await {
+                    tracing::error!(error = %e, "no cluster DNS on this node");
+                }
+            })
+        });
         let shared = Arc::new(Shared {
             control: self,
             mgr,
             assignment,
             lb,
+            dns,
             services: Mutex::new(services::ServiceTable::default()),
             desired: Mutex::new(Desired::default()),
             desired_changed: Notify::new(),
@@ -282,6 +323,9 @@ impl Control {
         let follow = tokio::spawn(watch::follow(shared.clone(), cancel.clone()));
         let report = tokio::spawn(report::run(shared, cancel.clone()));
         let _ = tokio::join!(beat, follow, report);
+        if let Some(t) = dns_task {
+            let _ = t.await;
+        }
     }
 }
 
@@ -315,6 +359,8 @@ pub(crate) struct Shared {
     pub(crate) assignment: Assignment,
     /// The socket load balancer, if it could be loaded.
     pub(crate) lb: Option<Arc<crate::lb::Dataplane>>,
+    /// Cluster DNS, fed from the service table.
+    pub(crate) dns: Option<ClusterDns>,
     /// Every service the control sent, as the load balancer needs them.
     pub(crate) services: Mutex<services::ServiceTable>,
     pub(crate) desired: Mutex<Desired>,

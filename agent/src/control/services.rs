@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_proto::v1;
 
+use crate::dns::{PortRecord, ServiceRecord};
 use crate::lb::{Protocol, ServiceSpec};
 
 /// Kubernetes' default `ClientIP` affinity timeout (3 hours).
@@ -20,6 +21,8 @@ const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
 #[derive(Debug, Default, Clone)]
 pub struct ServiceTable {
     services: BTreeMap<String, Vec<ServiceSpec>>,
+    /// The cluster DNS view, by (namespace, name).
+    dns: BTreeMap<(String, String), ServiceRecord>,
 }
 
 /// Why a service event could not be used.
@@ -47,13 +50,17 @@ impl ServiceTable {
                 what: "service",
                 source,
             })?;
-        let key = format!(
-            "{}/{}",
-            service.metadata.namespace.as_deref().unwrap_or("default"),
-            service.metadata.name.as_deref().unwrap_or_default()
-        );
+        let namespace = service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let key = format!("{namespace}/{name}");
+        let dns_key = (namespace, name);
         if ev.r#type() == v1::EventType::Deleted {
-            return Ok(self.services.remove(&key).is_some());
+            let dns = self.dns.remove(&dns_key).is_some();
+            return Ok(self.services.remove(&key).is_some() || dns);
         }
         let slice =
             match &ev.endpoint_slice {
@@ -66,8 +73,11 @@ impl ServiceTable {
                 None => None,
             };
         let specs = specs_of(&service, slice.as_ref());
-        let changed = self.services.get(&key) != Some(&specs);
+        let record = dns_of(&service, slice.as_ref());
+        let changed =
+            self.services.get(&key) != Some(&specs) || self.dns.get(&dns_key) != Some(&record);
         self.services.insert(key, specs);
+        self.dns.insert(dns_key, record);
         Ok(changed)
     }
 
@@ -75,6 +85,11 @@ impl ServiceTable {
     /// service.
     pub fn specs(&self) -> Vec<ServiceSpec> {
         self.services.values().flatten().cloned().collect()
+    }
+
+    /// The cluster DNS view of every service, by (namespace, name).
+    pub fn dns_records(&self) -> BTreeMap<(String, String), ServiceRecord> {
+        self.dns.clone()
     }
 
     /// How many services the table holds.
@@ -85,6 +100,47 @@ impl ServiceTable {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
+    }
+}
+
+/// The ready endpoints' addresses of a slice.
+fn ready_addresses(slice: Option<&EndpointSlice>) -> Vec<Ipv4Addr> {
+    slice
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .flat_map(|e| e.addresses.iter())
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The cluster DNS view of one Service: its `ClusterIP` (None when
+/// headless), its ready endpoints and its ports.
+pub fn dns_of(service: &Service, slice: Option<&EndpointSlice>) -> ServiceRecord {
+    let spec = service.spec.as_ref();
+    let cluster_ip = spec
+        .and_then(|s| s.cluster_ip.as_deref())
+        .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+    let ports = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(PortRecord {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                protocol: p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
+                port: u16::try_from(p.port).ok()?,
+            })
+        })
+        .collect();
+    ServiceRecord {
+        cluster_ip,
+        endpoints: ready_addresses(slice),
+        ports,
     }
 }
 
@@ -110,17 +166,7 @@ pub fn specs_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<Service
             .and_then(|s| u64::try_from(s).ok())
             .map_or(DEFAULT_AFFINITY, Duration::from_secs)
     });
-    let ready: Vec<Ipv4Addr> = slice
-        .map(|s| {
-            s.endpoints
-                .iter()
-                .flatten()
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                .flat_map(|e| e.addresses.iter())
-                .filter_map(|a| a.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let ready = ready_addresses(slice);
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let proto = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -223,6 +269,17 @@ mod tests {
         assert!(specs[0].backends.is_empty(), "no endpoints: ECONNREFUSED");
         let headless = service(&json!([{"port": 80}]), &json!({"clusterIP": "None"}));
         assert!(specs_of(&headless, Some(&slice())).is_empty());
+        let dns = dns_of(&headless, Some(&slice()));
+        assert_eq!(dns.cluster_ip, None);
+        assert_eq!(
+            dns.endpoints,
+            [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 3, 2)],
+            "headless DNS answers the ready endpoints"
+        );
+        assert_eq!(
+            dns_of(&svc, None).cluster_ip,
+            Some(Ipv4Addr::new(10, 96, 0, 20))
+        );
     }
 
     #[test]

@@ -253,16 +253,21 @@ fn pod_of(p: &v1::PodEvent) -> Option<(String, ControlPod)> {
 }
 
 /// Programs the load balancer with the service table (a diff: entries
-/// that didn't change are not written).
+/// that didn't change are not written), plus the local DNS service entry,
+/// and refreshes the cluster DNS zone.
 fn sync_services(sh: &Shared) {
-    let Some(lb) = &sh.lb else { return };
-    let (specs, services) = {
+    let (mut specs, services, records) = {
         let t = sh
             .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (t.specs(), t.len())
+        (t.specs(), t.len(), sh.dns.as_ref().map(|_| t.dns_records()))
     };
+    if let (Some(dns), Some(records)) = (&sh.dns, records) {
+        dns.zone.set(records);
+        specs.extend(dns.local_specs());
+    }
+    let Some(lb) = &sh.lb else { return };
     let started = std::time::Instant::now();
     match lb.sync(&specs) {
         Ok(stats) => tracing::debug!(

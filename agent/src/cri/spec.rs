@@ -34,6 +34,8 @@ pub struct SpecParams<'a> {
     pub shim_group: &'a str,
     /// The pod's /etc/hosts file on the node.
     pub hosts_file: Option<&'a Path>,
+    /// The pod's /etc/resolv.conf file on the node (None: the image's own).
+    pub resolv_file: Option<&'a Path>,
     /// cpu request in millicores.
     pub cpu_request_millis: Option<u64>,
     /// cpu limit in millicores.
@@ -81,6 +83,9 @@ pub fn build(p: &SpecParams<'_>) -> Value {
     ];
     if let Some(hosts) = p.hosts_file {
         mounts.push(json!({"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "ro"]}));
+    }
+    if let Some(resolv) = p.resolv_file {
+        mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["rbind", "ro"]}));
     }
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
     let request = p.cpu_request_millis.or(p.cpu_limit_millis);
@@ -149,6 +154,7 @@ mod tests {
             cgroups_path: "/weir-n1/uid/web",
             shim_group: "uid",
             hosts_file: None,
+            resolv_file: None,
             cpu_request_millis: Some(250),
             cpu_limit_millis: Some(500),
             memory_limit_bytes: Some(64 << 20),
@@ -176,6 +182,25 @@ mod tests {
         });
         assert_eq!(s["linux"]["resources"]["cpu"]["shares"], 512);
         assert!(s["linux"]["resources"].get("memory").is_none());
+    }
+
+    #[test]
+    fn resolv_conf_is_mounted_only_when_given() {
+        let dests = |s: &Value| -> Vec<String> {
+            s["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["destination"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(!dests(&build(&params())).contains(&"/etc/resolv.conf".to_owned()));
+        let resolv = Path::new("/run/weir/n1/pods/uid/resolv.conf");
+        let s = build(&SpecParams {
+            resolv_file: Some(resolv),
+            ..params()
+        });
+        assert!(dests(&s).contains(&"/etc/resolv.conf".to_owned()));
     }
 
     #[test]

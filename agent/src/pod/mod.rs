@@ -54,6 +54,18 @@ pub struct Config {
     pub backoff_initial: Duration,
     /// Back-off cap.
     pub backoff_max: Duration,
+    /// Cluster DNS for the pods' /etc/resolv.conf (control mode); None
+    /// keeps the image's own resolv.conf (standalone).
+    pub dns: Option<PodDns>,
+}
+
+/// What a pod's /etc/resolv.conf points to.
+#[derive(Clone, Debug)]
+pub struct PodDns {
+    /// The DNS service IP.
+    pub nameserver: std::net::Ipv4Addr,
+    /// The cluster domain (search path `<ns>.svc.<domain> svc.<domain> <domain>`).
+    pub domain: String,
 }
 
 /// A pod the node should run.

@@ -439,7 +439,7 @@ impl Worker {
                     .shared(),
                 );
                 if let Err(e) = self.write_hosts(net.ip) {
-                    return self.net_failed(format!("write /etc/hosts: {e}"));
+                    return self.net_failed(format!("write /etc/hosts, /etc/resolv.conf: {e}"));
                 }
                 self.rec.net = Some(rec);
                 self.sh.lb_allow(&self.rec.uid);
@@ -485,7 +485,19 @@ impl Worker {
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{}\n",
             self.name()
         );
-        std::fs::write(path, text)
+        std::fs::write(path, text)?;
+        if let Some(dns) = &self.sh.cfg.dns {
+            std::fs::write(
+                self.resolv_path(),
+                crate::dns::resolv_conf(dns.nameserver, self.ns(), &dns.domain),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The pod's /etc/resolv.conf on the node (control mode).
+    fn resolv_path(&self) -> PathBuf {
+        self.hosts_path().with_file_name("resolv.conf")
     }
 
     async fn start_container(&mut self, c: &Container) {
@@ -642,6 +654,8 @@ impl Worker {
             .clone()
             .expect("network is set up before containers start");
         let hosts = self.hosts_path();
+        // Control mode only; a pod adopted from before cluster DNS has none.
+        let resolv = Some(self.resolv_path()).filter(|p| self.sh.cfg.dns.is_some() && p.exists());
         let spec = build(&SpecParams {
             args: process_args(&command, &args, &img),
             env,
@@ -651,6 +665,7 @@ impl Worker {
             cgroups_path: &cgroups_path,
             shim_group: &self.rec.uid,
             hosts_file: Some(&hosts),
+            resolv_file: resolv.as_deref(),
             cpu_request_millis: res.0,
             cpu_limit_millis: res.1,
             memory_limit_bytes: res.2,
