@@ -30,7 +30,7 @@ enum Cmd {
     /// maps hold, then resync the same (no-op).
     Sync {
         #[command(flatten)]
-        node: Node,
+        node: Target,
         /// Services in the table.
         #[arg(long)]
         services: usize,
@@ -39,7 +39,7 @@ enum Cmd {
     /// service's backends (a different service each time).
     Churn {
         #[command(flatten)]
-        node: Node,
+        node: Target,
         /// Services in the table.
         #[arg(long)]
         services: usize,
@@ -56,7 +56,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
-struct Node {
+struct Target {
     /// Node name (pins under /sys/fs/bpf/weir/<node>).
     #[arg(long)]
     node: String,
@@ -94,7 +94,7 @@ fn table(n: usize, real: &[std::net::SocketAddrV4]) -> anyhow::Result<Vec<Servic
         .collect()
 }
 
-fn load(n: &Node) -> anyhow::Result<lb::Dataplane> {
+fn load(n: &Target) -> anyhow::Result<lb::Dataplane> {
     let opts = Options {
         cgroup: n.cgroup.clone(),
         netns_filter: true,
