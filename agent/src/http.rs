@@ -9,10 +9,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        LazyLock, Mutex,
-        atomic::{AtomicI64, AtomicU64},
-    },
+    sync::{LazyLock, Mutex, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -201,6 +198,11 @@ struct ContainerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     node: String,
     map: String,
@@ -224,6 +226,18 @@ pub fn observe_lb_sync(pin_dir: &std::path::Path, took: Duration) {
     if dir.as_deref() != Some(pin_dir) {
         *dir = Some(pin_dir.to_path_buf());
     }
+}
+
+/// The load balancer's metrics alone (what [`render`] adds for it), in
+/// the text exposition format.
+pub fn render_lb(node: &str) -> String {
+    let mut reg = Registry::default();
+    register_lb(&mut reg, node);
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
 }
 
 /// Registers the balancer's metrics: the sync histogram always, the map
@@ -256,10 +270,17 @@ fn register_lb(reg: &mut Registry, node: &str) {
             })
             .set(gauge(*n));
     }
-    let services = Gauge::<i64, AtomicI64>::default();
-    services.set(gauge(counts.get(SVC_MAP).copied().unwrap_or(0)));
-    let backends = Gauge::<i64, AtomicI64>::default();
-    backends.set(gauge(counts.get(BACKENDS_MAP).copied().unwrap_or(0)));
+    let at_node = NodeLabels {
+        node: node.to_owned(),
+    };
+    let services = Family::<NodeLabels, Gauge>::default();
+    services
+        .get_or_create(&at_node)
+        .set(gauge(counts.get(SVC_MAP).copied().unwrap_or(0)));
+    let backends = Family::<NodeLabels, Gauge>::default();
+    backends
+        .get_or_create(&at_node)
+        .set(gauge(counts.get(BACKENDS_MAP).copied().unwrap_or(0)));
     reg.register(
         "weir_lb_services",
         "Service ports programmed in the load balancer (weir_svc_v1 entries)",

@@ -306,6 +306,25 @@ fn socket_level_service_balancing() {
     );
     let at = |port| SocketAddr::V4(SocketAddrV4::new(vip, port));
 
+    // The agent's metrics: the sync histogram and the map sizes, read
+    // from the pinned maps.
+    weir_agent::http::observe_lb_sync(dp.pin_dir(), Duration::from_millis(3));
+    let metrics = weir_agent::http::render_lb(&node);
+    assert!(
+        metrics.contains("weir_lb_sync_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("weir_lb_services{{node=\"{node}\"}} 4")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "weir_lb_map_entries{{node=\"{node}\",map=\"weir_svc_slots_v1\"}} 6"
+        )),
+        "{metrics}"
+    );
+
     // TCP spreads over both backends; the peer shows the VIP.
     let seen = in_netns(&c, || {
         let mut seen = std::collections::BTreeSet::new();
