@@ -6,7 +6,12 @@
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}/log?container=C&follow=true`
 //! - `GET /healthz`
 
-use std::{net::SocketAddr, sync::atomic::AtomicU64, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{LazyLock, Mutex, atomic::AtomicU64},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -18,12 +23,19 @@ use axum::{
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::sync::CancellationToken;
+
+use weir_common::{BACKENDS_MAP, SVC_MAP};
 
 use crate::pod::Manager;
 
@@ -186,6 +198,107 @@ struct ContainerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    node: String,
+    map: String,
+}
+
+/// Durations of the service load balancer's syncs (0.5 ms .. ~16 s).
+static LB_SYNC: LazyLock<Histogram> =
+    LazyLock::new(|| Histogram::new(exponential_buckets(0.000_5, 2.0, 16)));
+
+/// The balancer's pin directory, known once it has synced.
+static LB_PIN_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Records one sync of the service load balancer (pinned under `pin_dir`)
+/// that took `took`, for `weir_lb_sync_duration_seconds`; from then on
+/// `/metrics` also reports the balancer's map sizes.
+pub fn observe_lb_sync(pin_dir: &std::path::Path, took: Duration) {
+    LB_SYNC.observe(took.as_secs_f64());
+    let mut dir = LB_PIN_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if dir.as_deref() != Some(pin_dir) {
+        *dir = Some(pin_dir.to_path_buf());
+    }
+}
+
+/// The load balancer's metrics alone (what [`render`] adds for it), in
+/// the text exposition format.
+pub fn render_lb(node: &str) -> String {
+    let mut reg = Registry::default();
+    register_lb(&mut reg, node);
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Registers the balancer's metrics: the sync histogram always, the map
+/// sizes (read from the pinned maps now) once it has synced.
+fn register_lb(reg: &mut Registry, node: &str) {
+    reg.register(
+        "weir_lb_sync_duration_seconds",
+        "Time to program the service load balancer's maps from the service table",
+        LB_SYNC.clone(),
+    );
+    let dir = LB_PIN_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(dir) = dir else { return };
+    let counts = match crate::lb::inspect::entry_counts(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot count the balancer's map entries");
+            return;
+        }
+    };
+    let entries = Family::<MapLabels, Gauge>::default();
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    for (map, n) in &counts {
+        entries
+            .get_or_create(&MapLabels {
+                node: node.to_owned(),
+                map: (*map).to_owned(),
+            })
+            .set(gauge(*n));
+    }
+    let at_node = NodeLabels {
+        node: node.to_owned(),
+    };
+    let services = Family::<NodeLabels, Gauge>::default();
+    services
+        .get_or_create(&at_node)
+        .set(gauge(counts.get(SVC_MAP).copied().unwrap_or(0)));
+    let backends = Family::<NodeLabels, Gauge>::default();
+    backends
+        .get_or_create(&at_node)
+        .set(gauge(counts.get(BACKENDS_MAP).copied().unwrap_or(0)));
+    reg.register(
+        "weir_lb_services",
+        "Service ports programmed in the load balancer (weir_svc_v1 entries)",
+        services,
+    );
+    reg.register(
+        "weir_lb_backends",
+        "Distinct backends programmed in the load balancer (weir_backends_v1 entries)",
+        backends,
+    );
+    reg.register(
+        "weir_lb_map_entries",
+        "Entries in each of the load balancer's pinned maps",
+        entries,
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     node: String,
     phase: String,
@@ -285,6 +398,7 @@ pub fn render(mgr: &Manager, node: &str) -> String {
     );
     reg.register("weir_container_restarts", "Container restarts", restarts);
     reg.register("weir_pods", "Pods on this node by phase", phases);
+    register_lb(&mut reg, node);
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();

@@ -170,6 +170,17 @@ fn main() -> anyhow::Result<()> {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
+    // `weir-agent inspect ...` reads pinned state and exits; it needs no
+    // node flags and works while the agent is stopped.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "inspect") {
+        use weir_agent::lb::inspect::{self, InspectError};
+        match inspect::run(std::env::args_os().skip(1)) {
+            Ok(out) => print!("{out}"),
+            Err(InspectError::Usage(e)) => e.exit(),
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(());
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

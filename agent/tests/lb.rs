@@ -306,6 +306,25 @@ fn socket_level_service_balancing() {
     );
     let at = |port| SocketAddr::V4(SocketAddrV4::new(vip, port));
 
+    // The agent's metrics: the sync histogram and the map sizes, read
+    // from the pinned maps.
+    weir_agent::http::observe_lb_sync(dp.pin_dir(), Duration::from_millis(3));
+    let metrics = weir_agent::http::render_lb(&node);
+    assert!(
+        metrics.contains("weir_lb_sync_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("weir_lb_services{{node=\"{node}\"}} 4")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "weir_lb_map_entries{{node=\"{node}\",map=\"weir_svc_slots_v1\"}} 6"
+        )),
+        "{metrics}"
+    );
+
     // TCP spreads over both backends; the peer shows the VIP.
     let seen = in_netns(&c, || {
         let mut seen = std::collections::BTreeSet::new();
@@ -383,6 +402,36 @@ fn socket_level_service_balancing() {
     drop(dp);
     let name = in_netns(&c, || tcp_name(at(80)).expect("connect with no agent").0);
     assert!(name == "b1" || name == "b2");
+
+    // With no agent, `inspect` shows the table from the pinned maps.
+    let snap = lb::inspect::read(Path::new(BPFFS), &node).expect("inspect pinned maps");
+    assert_eq!(snap.services.len(), desired.len());
+    let web = snap
+        .services
+        .iter()
+        .find(|s| s.vip == vip && s.port == 80 && s.protocol == "TCP")
+        .expect("VIP:80/TCP in the table");
+    let mut got: Vec<(Ipv4Addr, u16)> = web.backends.iter().map(|b| (b.ip, b.port)).collect();
+    got.sort_unstable();
+    assert_eq!(got, desired[0].backends);
+    assert_eq!((web.count, web.missing_slots), (2, 0));
+    let sticky = snap.services.iter().find(|s| s.port == 82).expect("VIP:82");
+    assert_eq!(sticky.affinity_timeout_seconds, Some(60));
+    assert!(
+        sticky.affinity_clients >= 1,
+        "the client's affinity entry shows"
+    );
+    assert!(snap.map_entries["weir_sock_rev_v1"] >= 1);
+    let table = lb::inspect::run(
+        ["inspect", "services", "--node", &node]
+            .into_iter()
+            .map(Into::into),
+    )
+    .expect("inspect services");
+    assert!(
+        table.contains("10.96.77.10:81/TCP") && table.contains("<none: refused>"),
+        "{table}"
+    );
     let dp = lb::Dataplane::load(Path::new(BPFFS), &node, &opts).expect("reload balancer");
     let attached = Command::new("bpftool")
         .args(["cgroup", "show", cgroup.dir.to_str().expect("utf-8")])

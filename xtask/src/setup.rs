@@ -35,6 +35,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "nsenter, for tests that look inside namespaces",
     ),
     ("procps", "pkill, for test cleanup"),
+    ("wrk", "`bench lb` drives HTTP load with wrk"),
+    (
+        "iptables",
+        "`bench lb`'s kube-proxy baseline (iptables-nft and iptables-legacy)",
+    ),
     (
         "etcd-server",
         "the etcd store backend's tests start an etcd",

@@ -269,7 +269,9 @@ fn sync_services(sh: &Shared) {
     }
     let Some(lb) = &sh.lb else { return };
     let started = std::time::Instant::now();
-    match lb.sync(&specs) {
+    let synced = lb.sync(&specs);
+    crate::http::observe_lb_sync(lb.pin_dir(), started.elapsed());
+    match synced {
         Ok(stats) => tracing::debug!(
             services,
             ports = specs.len(),

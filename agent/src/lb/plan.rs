@@ -138,6 +138,16 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
     let mut p = Plan::default();
     let mut svc_ids: BTreeSet<u32> = cur.svcs.values().map(|v| v.id).collect();
     let mut backend_ids: BTreeSet<u32> = cur.backends.keys().copied().collect();
+    // One cursor each for the whole plan (ids only get used up within it):
+    // restarting at 1 for every service made a sync from empty quadratic.
+    let mut svc_alloc = Ids {
+        used: &mut svc_ids,
+        next: 1,
+    };
+    let mut backend_alloc = Ids {
+        used: &mut backend_ids,
+        next: 1,
+    };
     let mut seen = BTreeSet::new();
     let mut slot_ops = Vec::new();
     for spec in desired {
@@ -146,16 +156,7 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
             continue;
         }
         let old = cur.svcs.get(&key).copied();
-        let id = old.map_or_else(
-            || {
-                Ids {
-                    used: &mut svc_ids,
-                    next: 1,
-                }
-                .take()
-            },
-            |v| v.id,
-        );
+        let id = old.map_or_else(|| svc_alloc.take(), |v| v.id);
         let old_slots: Vec<(u32, Backend)> = (0..old.map_or(0, |v| v.count))
             .filter_map(|slot| {
                 let b = *cur.slots.get(&SlotKey { id, slot })?;
@@ -173,11 +174,7 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
             want.truncate(MAX_BACKENDS_PER_SERVICE as usize);
             p.truncated.push(key);
         }
-        let mut ids = Ids {
-            used: &mut backend_ids,
-            next: 1,
-        };
-        let slots = layout(&old_slots, &want, || ids.take());
+        let slots = layout(&old_slots, &want, || backend_alloc.take());
         for &(bid, b) in &slots {
             if cur.backends.get(&bid) != Some(&b) {
                 p.ops.push(Op::PutBackend(bid, b));

@@ -8,6 +8,7 @@ mod api;
 mod baseline;
 mod density;
 mod env;
+mod lb;
 mod pod_start;
 mod probe;
 mod scheduler;
@@ -68,6 +69,21 @@ enum Which {
     Api,
     /// weir-control's RSS with 3 nodes and 100 pods, against k3s's server.
     ControlRss,
+    /// The socket service balancer: hop cost vs a direct connection, new
+    /// connections at scale vs kube-proxy iptables (nft and legacy), and
+    /// programming latency vs iptables-restore.
+    Lb {
+        /// Services at scale (4 endpoints each).
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Single-service changes timed.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Build the programming helper in the dev profile instead of
+        /// release (shared machines).
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -86,6 +102,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             return scheduler::run(*nodes, pods, stores, Duration::from_secs(*limit_secs));
         }
         Which::Api | Which::ControlRss => return run_control(&args.bench),
+        Which::Lb {
+            services,
+            changes,
+            dev,
+        } => {
+            ensure!(*services >= 2, "--services must be at least 2");
+            crate::setup::setup()?;
+            return lb::run(&lb::LbArgs {
+                services: *services,
+                changes: *changes,
+                dev: *dev,
+            });
+        }
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -105,7 +134,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Which::Density { pods, idle_secs } => {
             density::run(&agent, &image, pods, Duration::from_secs(idle_secs))
         }
-        Which::Scheduler { .. } | Which::Api | Which::ControlRss => {
+        Which::Scheduler { .. } | Which::Api | Which::ControlRss | Which::Lb { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
     }
@@ -119,7 +148,10 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
     match which {
         Which::Api => api::run(&control),
         Which::ControlRss => api::run_rss(&control),
-        Which::PodStart { .. } | Which::Density { .. } | Which::Scheduler { .. } => {
+        Which::PodStart { .. }
+        | Which::Density { .. }
+        | Which::Scheduler { .. }
+        | Which::Lb { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
     }
