@@ -17,6 +17,7 @@
 //! makes each node's programs act only for sockets in the network namespaces
 //! given to [`Dataplane::allow_netns`] (the node's own and its pods').
 
+pub mod maglev;
 mod plan;
 mod sys;
 
