@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_proto::v1;
 
-use crate::lb::{Protocol, ServiceSpec};
+use crate::lb::{NodePortBackend, NodePortSpec, Protocol, ServiceSpec};
 
 /// Kubernetes' default `ClientIP` affinity timeout (3 hours).
 const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
@@ -20,6 +20,7 @@ const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
 #[derive(Debug, Default, Clone)]
 pub struct ServiceTable {
     services: BTreeMap<String, Vec<ServiceSpec>>,
+    nodeports: BTreeMap<String, Vec<NodePortSpec>>,
 }
 
 /// Why a service event could not be used.
@@ -53,7 +54,8 @@ impl ServiceTable {
             service.metadata.name.as_deref().unwrap_or_default()
         );
         if ev.r#type() == v1::EventType::Deleted {
-            return Ok(self.services.remove(&key).is_some());
+            let np = self.nodeports.remove(&key).is_some();
+            return Ok(self.services.remove(&key).is_some() || np);
         }
         let slice =
             match &ev.endpoint_slice {
@@ -66,8 +68,15 @@ impl ServiceTable {
                 None => None,
             };
         let specs = specs_of(&service, slice.as_ref());
-        let changed = self.services.get(&key) != Some(&specs);
-        self.services.insert(key, specs);
+        let nodeports = nodeports_of(&service, slice.as_ref());
+        let changed = self.services.get(&key) != Some(&specs)
+            || self.nodeports.get(&key).unwrap_or(&Vec::new()) != &nodeports;
+        self.services.insert(key.clone(), specs);
+        if nodeports.is_empty() {
+            self.nodeports.remove(&key);
+        } else {
+            self.nodeports.insert(key, nodeports);
+        }
         Ok(changed)
     }
 
@@ -75,6 +84,12 @@ impl ServiceTable {
     /// service.
     pub fn specs(&self) -> Vec<ServiceSpec> {
         self.services.values().flatten().cloned().collect()
+    }
+
+    /// The `NodePort` dataplane's desired state: every nodePort of every
+    /// `NodePort` service.
+    pub fn nodeport_specs(&self) -> Vec<NodePortSpec> {
+        self.nodeports.values().flatten().cloned().collect()
     }
 
     /// How many services the table holds.
@@ -151,6 +166,72 @@ pub fn specs_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<Service
             proto,
             backends,
             affinity,
+        });
+    }
+    out
+}
+
+/// The `NodePort` entries of one Service: one per port with a `nodePort`
+/// (type `NodePort`), backed by the ready endpoints with their node.
+pub fn nodeports_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<NodePortSpec> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() != Some("NodePort") {
+        return Vec::new();
+    }
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let ready: Vec<(Ipv4Addr, Option<String>)> = slice
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .flat_map(|e| {
+                    e.addresses
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .map(|ip| (ip, e.node_name.clone()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => continue,
+        };
+        let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let target = slice
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ports| {
+                ports.iter().find(|p| {
+                    p.name.as_deref().unwrap_or_default()
+                        == port.name.as_deref().unwrap_or_default()
+                })
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let backends = match target {
+            Some(port) => ready
+                .iter()
+                .map(|(ip, node)| NodePortBackend {
+                    ip: *ip,
+                    port,
+                    node: node.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        out.push(NodePortSpec {
+            node_port,
+            proto,
+            local,
+            backends,
         });
     }
     out
@@ -240,6 +321,24 @@ mod tests {
             &json!({"sessionAffinity": "ClientIP"}),
         );
         assert_eq!(specs_of(&default, None)[0].affinity, Some(DEFAULT_AFFINITY));
+    }
+
+    #[test]
+    fn node_ports_carry_policy_and_nodes() {
+        let svc = service(
+            &json!([{"name": "http", "port": 80, "nodePort": 30080}]),
+            &json!({"type": "NodePort", "externalTrafficPolicy": "Local"}),
+        );
+        let mut sl = slice();
+        sl.endpoints.as_mut().unwrap()[0].node_name = Some("n1".into());
+        let np = nodeports_of(&svc, Some(&sl));
+        assert_eq!(np.len(), 1);
+        assert_eq!((np[0].node_port, np[0].local), (30080, true));
+        assert_eq!(np[0].backends.len(), 2, "ready endpoints only");
+        assert_eq!(np[0].backends[0].node.as_deref(), Some("n1"));
+        assert_eq!(np[0].backends[0].port, 8080);
+        let cluster_ip = service(&json!([{"name": "http", "port": 80}]), &json!({}));
+        assert!(nodeports_of(&cluster_ip, Some(&sl)).is_empty());
     }
 
     #[test]

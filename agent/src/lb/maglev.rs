@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 /// Table size used when `100 × backends` fits in it.
 pub const DEFAULT_SIZE: u32 = 1021;
 /// The largest table size (and the capacity of the kernel's table value).
-pub const MAX_SIZE: u32 = 16_381;
+pub const MAX_SIZE: u32 = weir_common::MAGLEV_MAX_SIZE;
 /// Table entries aimed for per backend. Maglev's extra disruption shrinks
 /// with `M / n`: measured for 1 of 10 backends removed, `M ≈ 100 n` (1021)
 /// remaps 12.4 % on average and 13.3 % at worst, `M ≈ 200 n` (2003) 11.8 %
