@@ -410,6 +410,98 @@ fn node_port_services_balance_with_maglev() -> anyhow::Result<()> {
         bail!("externalTrafficPolicy Local: {e:#}");
     }
     eprintln!("Local policy checked in {:?}", t.elapsed());
+    let t = Instant::now();
+    if let Err(e) = agent_down_keeps_serving(&mut c, &setup, &client) {
+        dump(&c);
+        bail!("agent down: {e:#}");
+    }
+    eprintln!("agent down, NodePort kept serving: {:?}", t.elapsed());
+    let t = Instant::now();
+    if let Err(e) = delete_empties_the_maps(&c, &api, &setup, &client) {
+        dump(&c);
+        bail!("service delete: {e:#}");
+    }
+    eprintln!(
+        "service delete empties the NodePort maps: {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+/// With node 1's agent killed (`SIGKILL`), its pinned programs and maps keep
+/// serving; the restarted agent adopts its links (same ids, no second link).
+fn agent_down_keeps_serving(
+    c: &mut ControlCluster,
+    s: &Setup,
+    client: &ClientNs,
+) -> anyhow::Result<()> {
+    let to = SocketAddr::from((s.ips[0], TCP_NODE_PORT));
+    let node1 = c.cluster.nodes[0].name.clone();
+    let links = || tc_link_ids(&node1);
+    let before = links()?;
+    let attached = |c: &ControlCluster| {
+        c.cluster.nodes[0]
+            .agent_log_text()
+            .matches("NodePort programs attached")
+            .count()
+    };
+    let attached_before = attached(c);
+    ensure!(
+        before.len() == 2,
+        "two NodePort links on node 1: {before:?}"
+    );
+    c.node(0).kill_agent();
+    for _ in 0..10 {
+        let (r, _) = client.get(to, None);
+        r.map_err(|e| anyhow::anyhow!("{to} with the agent down: {e}"))?;
+    }
+    c.start_agent(0)?;
+    // The log is appended to: one more attach line is the new agent's.
+    wait_for("node 1's agent to re-program", PROGRAMMED, || {
+        (attached(c) > attached_before).then_some(())
+    })?;
+    let (r, _) = client.get(to, None);
+    r.map_err(|e| anyhow::anyhow!("{to} after the agent restart: {e}"))?;
+    let after = links()?;
+    ensure!(before == after, "links not adopted: {before:?} → {after:?}");
+    Ok(())
+}
+
+/// The ids of node `node`'s pinned `NodePort` TCX links (`bpftool link
+/// show pinned`, as an observer).
+fn tc_link_ids(node: &str) -> anyhow::Result<Vec<u64>> {
+    ["weir_np_ingress", "weir_np_egress"]
+        .iter()
+        .map(|prog| {
+            let pin = format!("/sys/fs/bpf/weir/{node}/np-links/{prog}");
+            let out = sh("bpftool", &["-j", "link", "show", "pinned", &pin])?;
+            let v: Value =
+                serde_json::from_str(&out).with_context(|| format!("bpftool said {out}"))?;
+            v["id"]
+                .as_u64()
+                .with_context(|| format!("no link id in {out}"))
+        })
+        .collect()
+}
+
+/// Deleting the Service empties every node's `NodePort` maps and the
+/// nodePort stops answering.
+fn delete_empties_the_maps(
+    c: &ControlCluster,
+    api: &Api,
+    s: &Setup,
+    client: &ClientNs,
+) -> anyhow::Result<()> {
+    api.delete("Service", "default", "npweb")?;
+    for n in &c.cluster.nodes {
+        for map in ["weir_np_svc_v1", "weir_maglev_v1"] {
+            wait_for(&format!("{map} of {} empty", n.name), PROGRAMMED, || {
+                n.lb_map(map).ok().filter(Vec::is_empty)
+            })?;
+        }
+    }
+    let (r, _) = client.get(SocketAddr::from((s.ips[0], TCP_NODE_PORT)), None);
+    ensure!(r.is_err(), "a deleted NodePort still answers: {r:?}");
     Ok(())
 }
 

@@ -340,3 +340,80 @@ pub fn interface_of(ip: Ipv4Addr) -> Result<String, LbError> {
     unsafe { libc::freeifaddrs(head) };
     found.ok_or_else(not_found)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Pins under a private bpffs directory, removed on drop.
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn table(n: u8, remote: bool) -> Vec<Backend> {
+        let bs: Vec<(Ipv4Addr, u16)> = (0..n)
+            .map(|i| (Ipv4Addr::new(10, 244, i, 2), 8080))
+            .collect();
+        maglev::build(&bs, maglev::table_size(bs.len()))
+            .iter()
+            .map(|i| {
+                let (ip, port) = bs[*i as usize];
+                let mut b = backend(ip, port);
+                b.pad = if remote { NP_BACKEND_REMOTE } else { 0 };
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn maglev_table_swap_in_the_kernel_is_fast() {
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/weir-maglev-test-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir.0)
+            .load(EBPF_OBJECT)
+            .unwrap();
+        let mut tables: HashMap<MapData, u32, MaglevTable> = take(&mut ebpf, MAGLEV_MAP).unwrap();
+        for (n, rounds) in [(10u8, 200usize), (160, 50)] {
+            let (a, b) = (table(n, false), table(n, true));
+            let mut swaps = Vec::with_capacity(rounds);
+            let mut with_build = Vec::with_capacity(rounds);
+            for r in 0..rounds {
+                let want = if r % 2 == 0 { &a } else { &b };
+                let started = Instant::now();
+                let built = table(n, r % 2 == 1);
+                let built_at = started.elapsed();
+                write_table(&mut tables, 7, &built).unwrap();
+                let total = started.elapsed();
+                swaps.push(total.saturating_sub(built_at));
+                with_build.push(total);
+                assert!(
+                    table_matches(&tables, 7, want),
+                    "round {r}: table as written"
+                );
+            }
+            swaps.sort();
+            with_build.sort();
+            let p50 = swaps[rounds / 2];
+            let max = swaps[rounds - 1];
+            println!(
+                "maglev swap (one map update), n={n} M={}: p50 {p50:?}, max {max:?}; build+swap p50 {:?}",
+                a.len(),
+                with_build[rounds / 2]
+            );
+            assert!(p50 < Duration::from_millis(1), "swap p50 {p50:?}");
+        }
+        write_table(&mut tables, 7, &[]).unwrap();
+        assert!(tables.get(&7, 0).is_err(), "an empty table is removed");
+    }
+}
