@@ -171,8 +171,9 @@ impl ClientNs {
         (r, started.elapsed())
     }
 
-    /// One UDP exchange with `to`: the answer and where it came from.
-    fn udp(&self, to: SocketAddr) -> anyhow::Result<(String, SocketAddr)> {
+    /// One UDP exchange with `to`: the backend that answered, the source
+    /// address it saw, and where the answer came from.
+    fn udp(&self, to: SocketAddr) -> anyhow::Result<(String, Ipv4Addr, SocketAddr)> {
         let sock = udp_bind_in(&self.path(), "0.0.0.0:0".parse()?)?;
         sock.set_read_timeout(Some(Duration::from_secs(2)))?;
         sock.send_to(b"who", to)?;
@@ -180,7 +181,11 @@ impl ClientNs {
         let (n, from) = sock
             .recv_from(&mut buf)
             .with_context(|| format!("no UDP answer from {to}"))?;
-        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (name, saw) = text
+            .split_once(' ')
+            .with_context(|| format!("odd UDP answer {text:?}"))?;
+        Ok((name.to_owned(), saw.parse()?, from))
     }
 }
 
@@ -190,7 +195,8 @@ impl Drop for ClientNs {
     }
 }
 
-/// UDP echo servers in the pods' netns answering their pod name; stopped on drop.
+/// UDP servers in the pods' netns answering their pod name and the source
+/// address they saw; stopped on drop.
 struct UdpServers(Arc<AtomicBool>);
 
 impl UdpServers {
@@ -203,7 +209,7 @@ impl UdpServers {
                 let mut buf = [0u8; 64];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                        let _ = sock.send_to(name.as_bytes(), from);
+                        let _ = sock.send_to(format!("{name} {}", from.ip()).as_bytes(), from);
                     }
                 }
             });
@@ -229,6 +235,8 @@ struct Setup {
     ips: Vec<Ipv4Addr>,
     /// Pod name → node index.
     placement: BTreeMap<String, usize>,
+    /// The client's address.
+    client: Ipv4Addr,
 }
 
 fn answers_from(
@@ -283,14 +291,22 @@ fn cluster_policy(s: &Setup, client: &ClientNs) -> anyhow::Result<()> {
             "source port {port} to {ip} landed on {seen:?}"
         );
     }
-    // UDP: the reply comes from <node IP>:<nodePort>.
-    for ip in &s.ips {
+    // UDP: the reply comes from <node IP>:<nodePort>; a backend on
+    // another node sees the node (SNAT), one on the same node the client.
+    for (i, ip) in s.ips.iter().enumerate() {
         let to = SocketAddr::from((*ip, UDP_NODE_PORT));
         let mut names = BTreeSet::new();
         for _ in 0..6 {
-            let (name, from) = client.udp(to)?;
+            let (name, saw, from) = client.udp(to)?;
             ensure!(from == to, "UDP reply from {from}, not {to}");
-            ensure!(all.contains(&name), "unknown UDP backend {name:?}");
+            let Some(at) = s.placement.get(&name) else {
+                bail!("unknown UDP backend {name:?}");
+            };
+            let want = if *at == i { s.client } else { *ip };
+            ensure!(
+                saw == want,
+                "{name} (node {at}) saw {saw}, not {want}, via {to}"
+            );
             names.insert(name);
         }
         eprintln!("Cluster UDP {to} → {names:?}");
@@ -339,10 +355,11 @@ fn local_policy(s: &Setup, client: &ClientNs) -> anyhow::Result<()> {
             );
         }
         let to = SocketAddr::from((*ip, UDP_NODE_PORT));
-        let (name, from) = client.udp(to)?;
+        let (name, saw, from) = client.udp(to)?;
         ensure!(
-            from == to && want.contains(&name),
-            "UDP {to}: {name} from {from}"
+            from == to && want.contains(&name) && saw == s.client,
+            "UDP {to}: {name} (saw {saw}, want the client {}) from {from}",
+            s.client
         );
     }
     let (r, took) = client.get(SocketAddr::from((empty, TCP_NODE_PORT)), None);
@@ -366,7 +383,8 @@ fn node_port_services_balance_with_maglev() -> anyhow::Result<()> {
                 .filter(|o| condition_status(o, "Ready") == "True")
         })?;
     }
-    let client = ClientNs::new(&format!("wt{TAG}br"), Ipv4Addr::new(10, 250, SUBNET, 200))?;
+    let client_ip = Ipv4Addr::new(10, 250, SUBNET, 200);
+    let client = ClientNs::new(&format!("wt{TAG}br"), client_ip)?;
     c.weirctl_apply(&web_pods(&nodes))?;
     let pods = wait_for("3 web pods Running and Ready", START, || {
         let pods = api.pods("app=npweb").ok()?;
@@ -395,6 +413,7 @@ fn node_port_services_balance_with_maglev() -> anyhow::Result<()> {
     let setup = Setup {
         ips: c.cluster.nodes.iter().map(|n| n.ip).collect(),
         placement,
+        client: client_ip,
     };
     c.weirctl_apply(&web_svc("Cluster"))?;
     let t = Instant::now();
