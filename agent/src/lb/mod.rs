@@ -326,12 +326,14 @@ impl Dataplane {
         })
     }
 
-    /// Whether the `NodePort` programs are attached.
+    /// Whether the `NodePort` programs are attached, by this agent or (as
+    /// pinned links) by an earlier one whose maps may need emptying.
     pub fn nodeport_loaded(&self) -> bool {
         self.nodeport
             .lock()
             .expect("nodeport lock poisoned")
             .is_some()
+            || nodeport::pinned(&self.pin_dir)
     }
 
     /// Makes the `NodePort` maps hold exactly `desired` for node `node`

@@ -222,6 +222,15 @@ impl NodePort {
     }
 }
 
+/// Whether `pin_dir` holds pinned `NodePort` links (an earlier agent
+/// attached them).
+pub fn pinned(pin_dir: &Path) -> bool {
+    let links = pin_dir.join("np-links");
+    [PROG_NP_INGRESS, PROG_NP_EGRESS]
+        .iter()
+        .any(|p| links.join(p).exists())
+}
+
 /// Whether the pinned table `id` already holds `entries` (an adopted map).
 fn table_matches(
     tables: &HashMap<MapData, u32, MaglevTable>,
