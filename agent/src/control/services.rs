@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_proto::v1;
 
 use crate::dns::{PortRecord, ServiceRecord};
-use crate::lb::{Protocol, ServiceSpec};
+use crate::lb::{NodePortBackend, NodePortSpec, Protocol, ServiceSpec};
 
 /// Kubernetes' default `ClientIP` affinity timeout (3 hours).
 const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
@@ -23,6 +23,7 @@ pub struct ServiceTable {
     services: BTreeMap<String, Vec<ServiceSpec>>,
     /// The cluster DNS view, by (namespace, name).
     dns: BTreeMap<(String, String), ServiceRecord>,
+    nodeports: BTreeMap<String, Vec<NodePortSpec>>,
 }
 
 /// Why a service event could not be used.
@@ -60,7 +61,8 @@ impl ServiceTable {
         let dns_key = (namespace, name);
         if ev.r#type() == v1::EventType::Deleted {
             let dns = self.dns.remove(&dns_key).is_some();
-            return Ok(self.services.remove(&key).is_some() || dns);
+            let np = self.nodeports.remove(&key).is_some();
+            return Ok(self.services.remove(&key).is_some() || dns || np);
         }
         let slice =
             match &ev.endpoint_slice {
@@ -74,10 +76,17 @@ impl ServiceTable {
             };
         let specs = specs_of(&service, slice.as_ref());
         let record = dns_of(&service, slice.as_ref());
-        let changed =
-            self.services.get(&key) != Some(&specs) || self.dns.get(&dns_key) != Some(&record);
-        self.services.insert(key, specs);
+        let nodeports = nodeports_of(&service, slice.as_ref());
+        let changed = self.services.get(&key) != Some(&specs)
+            || self.dns.get(&dns_key) != Some(&record)
+            || self.nodeports.get(&key).unwrap_or(&Vec::new()) != &nodeports;
+        self.services.insert(key.clone(), specs);
         self.dns.insert(dns_key, record);
+        if nodeports.is_empty() {
+            self.nodeports.remove(&key);
+        } else {
+            self.nodeports.insert(key, nodeports);
+        }
         Ok(changed)
     }
 
@@ -90,6 +99,12 @@ impl ServiceTable {
     /// The cluster DNS view of every service, by (namespace, name).
     pub fn dns_records(&self) -> BTreeMap<(String, String), ServiceRecord> {
         self.dns.clone()
+    }
+
+    /// The `NodePort` dataplane's desired state: every nodePort of every
+    /// `NodePort` service.
+    pub fn nodeport_specs(&self) -> Vec<NodePortSpec> {
+        self.nodeports.values().flatten().cloned().collect()
     }
 
     /// How many services the table holds.
@@ -202,6 +217,72 @@ pub fn specs_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<Service
     out
 }
 
+/// The `NodePort` entries of one Service: one per port with a `nodePort`
+/// (type `NodePort`), backed by the ready endpoints with their node.
+pub fn nodeports_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<NodePortSpec> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() != Some("NodePort") {
+        return Vec::new();
+    }
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let ready: Vec<(Ipv4Addr, Option<String>)> = slice
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .flat_map(|e| {
+                    e.addresses
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .map(|ip| (ip, e.node_name.clone()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => continue,
+        };
+        let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let target = slice
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ports| {
+                ports.iter().find(|p| {
+                    p.name.as_deref().unwrap_or_default()
+                        == port.name.as_deref().unwrap_or_default()
+                })
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let backends = match target {
+            Some(port) => ready
+                .iter()
+                .map(|(ip, node)| NodePortBackend {
+                    ip: *ip,
+                    port,
+                    node: node.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        out.push(NodePortSpec {
+            node_port,
+            proto,
+            local,
+            backends,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -297,6 +378,24 @@ mod tests {
             &json!({"sessionAffinity": "ClientIP"}),
         );
         assert_eq!(specs_of(&default, None)[0].affinity, Some(DEFAULT_AFFINITY));
+    }
+
+    #[test]
+    fn node_ports_carry_policy_and_nodes() {
+        let svc = service(
+            &json!([{"name": "http", "port": 80, "nodePort": 30080}]),
+            &json!({"type": "NodePort", "externalTrafficPolicy": "Local"}),
+        );
+        let mut sl = slice();
+        sl.endpoints.as_mut().unwrap()[0].node_name = Some("n1".into());
+        let np = nodeports_of(&svc, Some(&sl));
+        assert_eq!(np.len(), 1);
+        assert_eq!((np[0].node_port, np[0].local), (30080, true));
+        assert_eq!(np[0].backends.len(), 2, "ready endpoints only");
+        assert_eq!(np[0].backends[0].node.as_deref(), Some("n1"));
+        assert_eq!(np[0].backends[0].port, 8080);
+        let cluster_ip = service(&json!([{"name": "http", "port": 80}]), &json!({}));
+        assert!(nodeports_of(&cluster_ip, Some(&sl)).is_empty());
     }
 
     #[test]

@@ -256,18 +256,24 @@ fn pod_of(p: &v1::PodEvent) -> Option<(String, ControlPod)> {
 /// that didn't change are not written), plus the local DNS service entry,
 /// and refreshes the cluster DNS zone.
 fn sync_services(sh: &Shared) {
-    let (mut specs, services, records) = {
+    let (mut specs, nodeports, services, records) = {
         let t = sh
             .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (t.specs(), t.len(), sh.dns.as_ref().map(|_| t.dns_records()))
+        (
+            t.specs(),
+            t.nodeport_specs(),
+            t.len(),
+            sh.dns.as_ref().map(|_| t.dns_records()),
+        )
     };
     if let (Some(dns), Some(records)) = (&sh.dns, records) {
         dns.zone.set(records);
         specs.extend(dns.local_specs());
     }
     let Some(lb) = &sh.lb else { return };
+    sync_nodeports(sh, lb, &nodeports);
     let started = std::time::Instant::now();
     let synced = lb.sync(&specs);
     crate::http::observe_lb_sync(lb.pin_dir(), started.elapsed());
@@ -280,6 +286,26 @@ fn sync_services(sh: &Shared) {
             "service table programmed"
         ),
         Err(e) => tracing::error!(error = %e, "cannot program the service table"),
+    }
+}
+
+/// Programs the `NodePort` maps (attaching the uplink programs the first
+/// time a `NodePort` service shows up).
+fn sync_nodeports(sh: &Shared, lb: &crate::lb::Dataplane, nodeports: &[crate::lb::NodePortSpec]) {
+    let Ok(node_ip) = sh.control.settings.address.parse() else {
+        tracing::error!(address = %sh.control.settings.address, "node address is not IPv4: NodePort services are not served");
+        return;
+    };
+    if nodeports.is_empty() && !lb.nodeport_loaded() {
+        return;
+    }
+    match lb.sync_nodeports(sh.node(), node_ip, nodeports) {
+        Ok(stats) => tracing::debug!(
+            ports = nodeports.len(),
+            ?stats,
+            "NodePort services programmed"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot program NodePort services"),
     }
 }
 

@@ -18,6 +18,8 @@
 //! given to [`Dataplane::allow_netns`] (the node's own and its pods').
 
 pub mod inspect;
+pub mod maglev;
+pub mod nodeport;
 mod plan;
 mod sys;
 
@@ -25,6 +27,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
+    net::Ipv4Addr,
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -38,6 +41,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
+pub use nodeport::{NodePort, NodePortBackend, NodePortSpec, NodePortStats};
 pub use plan::{Current, Op, Plan, Protocol, ServiceSpec, backend, plan};
 use weir_common::{
     AFFINITY_MAP, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, LB_CFG_NETNS_FILTER,
@@ -56,8 +60,13 @@ pub const PROGRAMS: [&str; 4] = [
     PROG_LB_GETPEERNAME4,
 ];
 
-/// The balancer's pinned maps.
-pub const MAPS: [&str; 7] = [
+/// The balancer's pinned maps (east-west and `NodePort`).
+pub const MAPS: [&str; 12] = [
+    weir_common::NP_SVC_MAP,
+    weir_common::MAGLEV_MAP,
+    weir_common::NP_FLOW_MAP,
+    weir_common::NP_REV_MAP,
+    weir_common::NP_SNAT_MAP,
     SVC_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -158,6 +167,8 @@ pub struct Dataplane {
     // pinned links keep them attached beyond that.
     _ebpf: Ebpf,
     maps: Mutex<Maps>,
+    /// The `NodePort` dataplane, attached at the first sync.
+    nodeport: Mutex<Option<NodePort>>,
 }
 
 fn map_err(what: &'static str, map: &'static str) -> impl FnOnce(MapError) -> LbError {
@@ -241,6 +252,7 @@ impl Dataplane {
             pin_dir,
             _ebpf: ebpf,
             maps: Mutex::new(maps),
+            nodeport: Mutex::new(None),
         })
     }
 
@@ -315,6 +327,36 @@ impl Dataplane {
         })
     }
 
+    /// Whether the `NodePort` programs are attached, by this agent or (as
+    /// pinned links) by an earlier one whose maps may need emptying.
+    pub fn nodeport_loaded(&self) -> bool {
+        self.nodeport
+            .lock()
+            .expect("nodeport lock poisoned")
+            .is_some()
+            || nodeport::pinned(&self.pin_dir)
+    }
+
+    /// Makes the `NodePort` maps hold exactly `desired` for node `node`
+    /// whose address is `node_ip`; the first call attaches the `NodePort`
+    /// programs on the interface holding `node_ip` (the uplink).
+    pub fn sync_nodeports(
+        &self,
+        node: &str,
+        node_ip: Ipv4Addr,
+        desired: &[NodePortSpec],
+    ) -> Result<NodePortStats, LbError> {
+        let mut np = self.nodeport.lock().expect("nodeport lock poisoned");
+        let np = match &mut *np {
+            Some(np) => np,
+            empty => {
+                let uplink = nodeport::interface_of(node_ip)?;
+                empty.insert(NodePort::load(&self.pin_dir, node, node_ip, &uplink)?)
+            }
+        };
+        np.sync(desired)
+    }
+
     /// Detaches node `node`'s balancer and removes its pins (links and
     /// maps). Missing pins are not errors. For a node that goes away.
     pub fn remove(bpffs: &Path, node: &str) -> Result<(), LbError> {
@@ -332,6 +374,7 @@ impl Dataplane {
             }
         }
         let _ = std::fs::remove_dir(&links_dir);
+        NodePort::remove(&pin_dir)?;
         for map in MAPS {
             let pin = pin_dir.join(map);
             match std::fs::remove_file(&pin) {

@@ -69,6 +69,134 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP (as in [`SvcKey::proto`]).
 pub const PROTO_UDP: u8 = 17;
 
+/// Name of the `NodePort` services map: (node IP, nodePort, protocol)
+/// ([`SvcKey`]) → [`NpService`].
+pub const NP_SVC_MAP: &str = "weir_np_svc_v1";
+/// Name of the Maglev tables map: [`NpService::id`] → [`MaglevTable`]. One
+/// update replaces a whole table (hash map elements are swapped under RCU):
+/// a packet sees the old table or the new one, never a mix.
+pub const MAGLEV_MAP: &str = "weir_maglev_v1";
+/// Name of the LRU `NodePort` flow map: client → node:nodePort
+/// ([`FlowKey`]) → [`NpFlow`] (a flow keeps its backend across table swaps).
+pub const NP_FLOW_MAP: &str = "weir_np_flow_v1";
+/// Name of the LRU reverse-NAT map: a backend's reply ([`FlowKey`] as the
+/// reply is addressed) → [`NpRev`] (what the client must see).
+pub const NP_REV_MAP: &str = "weir_np_rev_v1";
+/// Name of the LRU SNAT map: client → backend after DNAT ([`FlowKey`]) →
+/// [`NpSnat`] (the node address and port the uplink egress writes).
+pub const NP_SNAT_MAP: &str = "weir_np_snat_v1";
+/// Name of the TC program on the uplink's ingress (DNAT, reverse SNAT).
+pub const PROG_NP_INGRESS: &str = "weir_np_ingress";
+/// Name of the TC program on the uplink's egress (SNAT, reverse DNAT).
+pub const PROG_NP_EGRESS: &str = "weir_np_egress";
+/// Maximum number of `NodePort` service ports per node.
+pub const NP_SVC_MAP_ENTRIES: u32 = 4096;
+/// Maximum number of Maglev tables (one per `NodePort` service port).
+pub const MAGLEV_MAP_ENTRIES: u32 = 4096;
+/// The largest Maglev table size (a prime).
+pub const MAGLEV_MAX_SIZE: u32 = 16_381;
+/// Entries in a [`MaglevTable`] value: a power of two above
+/// [`MAGLEV_MAX_SIZE`], so the program bounds an index with a mask the
+/// verifier understands.
+pub const MAGLEV_CAPACITY: usize = 16_384;
+/// Number of `NodePort` flows remembered (LRU, each of the flow, reverse
+/// and SNAT maps).
+pub const NP_FLOW_MAP_ENTRIES: u32 = 65_536;
+/// [`NpService::flags`] bit: externalTrafficPolicy Cluster (SNAT flows to
+/// remote backends to the node's address).
+pub const NP_FLAG_SNAT: u32 = 1;
+/// [`Backend::pad`] bit in a [`MaglevTable`]: the backend runs on another node.
+pub const NP_BACKEND_REMOTE: u16 = 1;
+/// [`NpRev::flags`] bit: the reply comes back through the uplink (it was
+/// SNATed): rewrite its MACs and send it out where it came in.
+pub const NP_REV_REDIRECT: u16 = 1;
+/// First port the SNAT allocates (host order; above Linux's ephemeral range).
+pub const NP_SNAT_PORT_MIN: u16 = 61_000;
+/// Number of SNAT ports.
+pub const NP_SNAT_PORTS: u16 = 4_500;
+
+/// Value of [`NP_SVC_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NpService {
+    /// Key of the service's table in [`MAGLEV_MAP`] (host order).
+    pub id: u32,
+    /// [`NP_FLAG_SNAT`] and future bits (host order).
+    pub flags: u32,
+}
+
+/// Value of [`MAGLEV_MAP`]: entries `0..size` are the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevTable {
+    /// Table size `M`, a prime ≤ [`MAGLEV_MAX_SIZE`] (host order).
+    pub size: u32,
+    /// Zero.
+    pub pad: u32,
+    /// Entry `hash % M` is the flow's backend; `pad` carries [`NP_BACKEND_REMOTE`].
+    pub entries: [Backend; MAGLEV_CAPACITY],
+}
+
+/// A 5-tuple, as key of the `NodePort` flow maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub saddr: u32,
+    /// Destination address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// Value of [`NP_FLOW_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NpFlow {
+    /// Backend address, network byte order.
+    pub ip: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// SNAT port (network byte order), 0 if the flow keeps its source.
+    pub nat_port: u16,
+}
+
+/// Value of [`NP_REV_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NpRev {
+    /// The client's address, network byte order.
+    pub client_ip: u32,
+    /// The node address the client sent to, network byte order.
+    pub node_ip: u32,
+    /// The client's port, network byte order.
+    pub client_port: u16,
+    /// The nodePort, network byte order.
+    pub node_port: u16,
+    /// The MAC the client's packets came from (next hop back to it).
+    pub mac: [u8; 6],
+    /// [`NP_REV_REDIRECT`] and future bits (host order).
+    pub flags: u16,
+}
+
+/// Value of [`NP_SNAT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NpSnat {
+    /// The node address, network byte order.
+    pub ip: u32,
+    /// The SNAT port, network byte order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
 /// Key of [`SVC_MAP`] and value of [`SOCK_REV_MAP`]: a service's VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -212,6 +340,18 @@ mod user {
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LbConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NpService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NpFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NpRev {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NpSnat {}
 }
 
 #[cfg(test)]
@@ -252,6 +392,34 @@ mod tests {
         assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
         assert_eq!(size_of::<LbConfig>(), 4);
         assert_eq!(offset_of!(LbConfig, flags), 0);
+    }
+
+    #[test]
+    fn nodeport_layouts_are_pinned() {
+        use super::{FlowKey, MAGLEV_CAPACITY, MaglevTable, NpFlow, NpRev, NpService, NpSnat};
+        assert_eq!(size_of::<NpService>(), 8);
+        assert_eq!(offset_of!(NpService, flags), 4);
+        assert_eq!(size_of::<MaglevTable>(), 8 + 8 * MAGLEV_CAPACITY);
+        assert_eq!(offset_of!(MaglevTable, pad), 4);
+        assert_eq!(offset_of!(MaglevTable, entries), 8);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(offset_of!(FlowKey, daddr), 4);
+        assert_eq!(offset_of!(FlowKey, sport), 8);
+        assert_eq!(offset_of!(FlowKey, dport), 10);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(offset_of!(FlowKey, pad), 13);
+        assert_eq!(size_of::<NpFlow>(), 8);
+        assert_eq!(offset_of!(NpFlow, port), 4);
+        assert_eq!(offset_of!(NpFlow, nat_port), 6);
+        assert_eq!(size_of::<NpRev>(), 20);
+        assert_eq!(offset_of!(NpRev, node_ip), 4);
+        assert_eq!(offset_of!(NpRev, client_port), 8);
+        assert_eq!(offset_of!(NpRev, node_port), 10);
+        assert_eq!(offset_of!(NpRev, mac), 12);
+        assert_eq!(offset_of!(NpRev, flags), 18);
+        assert_eq!(size_of::<NpSnat>(), 8);
+        assert_eq!(offset_of!(NpSnat, port), 4);
+        assert_eq!(offset_of!(NpSnat, pad), 6);
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! to it. Both count into one per-CPU hash keyed by the veth's ifindex and
 //! always let the packet through: they observe, they never decide.
 //!
-//! Service load balancing: cgroup sock_addr programs in [`lb`].
+//! Service load balancing: cgroup sock_addr programs in [`lb`]; `NodePort`
+//! on the uplink in [`nodeport`].
 #![no_std]
 #![no_main]
 
 mod lb;
+mod nodeport;
 
 use aya_ebpf::{
     bindings::TC_ACT_PIPE,
