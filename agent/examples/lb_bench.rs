@@ -1,7 +1,9 @@
 //! Helper of `cargo xtask bench lb` (xtask does not link the agent): loads
 //! or adopts a node's socket balancer through `weir_agent::lb` and programs
-//! a generated service table, timing [`lb::Dataplane::sync`] the way the
-//! agent calls it (the whole table, diffed). One JSON line on stdout.
+//! a generated service table, timing it the way the agent does: the whole
+//! table with [`lb::Dataplane::sync`] (a listing, a restart), one service
+//! with [`lb::Dataplane::sync_changes`] (one event). One JSON line on
+//! stdout.
 //!
 //! Service `i` of `n`: VIP `10.96.0.0 + 1024 + i`, port 80/TCP, 4 backends
 //! `10.200.0.0 + 4i + j`:8080, except the last one (the measured one),
@@ -16,7 +18,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use weir_agent::lb::{self, Options, Protocol, ServiceSpec};
+use weir_agent::lb::{self, Change, Options, Protocol, ServiceSpec};
 
 #[derive(Parser)]
 struct Args {
@@ -35,8 +37,9 @@ enum Cmd {
         #[arg(long)]
         services: usize,
     },
-    /// With the table programmed: `--changes` syncs that each change one
-    /// service's backends (a different service each time).
+    /// With the table programmed (this is a restart: load, adopt, full
+    /// resync against the pins, timed): `--changes` incremental syncs that
+    /// each change one service's backends (a different service each time).
     Churn {
         #[command(flatten)]
         node: Target,
@@ -137,9 +140,19 @@ fn main() -> anyhow::Result<()> {
             services,
             changes,
         } => {
-            let dp = load(&node)?;
             let mut t = table(services, &node.real)?;
-            dp.sync(&t)?;
+            // An agent restart: load (reads the pinned maps into the
+            // mirror) and resync the whole table against them.
+            let started = Instant::now();
+            let dp = load(&node)?;
+            let load_took = started.elapsed();
+            let restart = dp.sync(&t)?;
+            let restart_took = started.elapsed();
+            anyhow::ensure!(
+                restart.writes == 0,
+                "the resync after a restart wrote {} entries",
+                restart.writes
+            );
             let mut took = Vec::with_capacity(changes);
             // Never the measured (last) service: its backends are real.
             let span = services.saturating_sub(1).max(1);
@@ -154,16 +167,30 @@ fn main() -> anyhow::Result<()> {
                     b.push((Ipv4Addr::from(base + 3), 8080));
                 }
                 let started = Instant::now();
-                let s = dp.sync(&t)?;
+                let s = dp.sync_changes(&[Change::Put(t[i].clone())])?;
                 took.push(started.elapsed());
                 anyhow::ensure!(s.writes > 0, "change {c} wrote nothing");
             }
+            anyhow::ensure!(
+                dp.mirror() == dp.current(),
+                "after the changes the mirror and the maps differ"
+            );
+            let full = dp.sync(&t)?;
+            anyhow::ensure!(
+                full.writes == 0,
+                "a full sync after the changes wrote {} entries",
+                full.writes
+            );
             took.sort();
             let pct = |p: usize| took[(p * took.len()).div_ceil(100).max(1) - 1];
             println!(
                 "{}",
                 serde_json::json!({
                     "changes": changes,
+                    "restart_load_ms": ms(load_took),
+                    "restart_resync_ms": ms(restart_took.saturating_sub(load_took)),
+                    "restart_total_ms": ms(restart_took),
+                    "restart_writes": restart.writes,
                     "p50_ms": ms(pct(50)),
                     "p99_ms": ms(pct(99)),
                     "max_ms": ms(took.last().copied().unwrap_or_default()),

@@ -443,9 +443,14 @@ fn socket_level_service_balancing() {
         1,
         "one connect4 program after adoption:\n{listing}"
     );
+    // The adopted balancer's mirror is what the pins hold, and a full
+    // resync against it writes nothing.
+    assert_eq!(dp.mirror(), dp.current(), "mirror read from the pins");
     assert_eq!(dp.sync(&desired).expect("sync after adopt").writes, 0);
 
-    // Remove a backend: an existing connection keeps working, new ones avoid it.
+    // Remove a backend (incrementally, as the agent does for one event):
+    // only those services' entries are written, an existing connection
+    // keeps working, new ones avoid it.
     let (old, conn) = in_netns(&c, || tcp_name(at(80)).expect("connect"));
     let (gone, survivor) = if old == "b1" {
         (be1, "b2")
@@ -454,14 +459,68 @@ fn socket_level_service_balancing() {
     };
     desired[0].backends.retain(|(i, _)| *i != gone);
     desired[3].backends.retain(|(i, _)| *i != gone);
-    let stats = dp.sync(&desired).expect("sync without one backend");
+    let before = dp.current();
+    let stats = dp
+        .sync_changes(&[
+            lb::Change::Put(desired[0].clone()),
+            lb::Change::Put(desired[3].clone()),
+        ])
+        .expect("sync without one backend");
     assert!(stats.writes > 0);
+    let after = dp.current();
+    assert_eq!(dp.mirror(), after, "mirror and kernel agree");
+    for untouched in [&desired[1], &desired[2]] {
+        let v = before.svcs[&untouched.key()];
+        assert_eq!(after.svcs[&untouched.key()], v);
+        for slot in 0..v.count {
+            let k = weir_common::SlotKey { id: v.id, slot };
+            assert_eq!(after.slots[&k], before.slots[&k]);
+            assert_eq!(
+                after.backends[&after.slots[&k]],
+                before.backends[&before.slots[&k]]
+            );
+        }
+    }
+    assert_eq!(
+        dp.sync(&desired).expect("full resync").writes,
+        0,
+        "the incremental result is what a full sync plans"
+    );
     in_netns(&c, || {
         for _ in 0..15 {
             assert_eq!(tcp_name(at(80)).expect("connect").0, survivor);
         }
         assert_eq!(echo(&conn, "still").expect("old connection"), "still");
     });
+
+    // A sequence of changes: remove, add, change; mirror and kernel agree
+    // after each, and a restarted balancer's full resync writes nothing.
+    let steps = [
+        lb::Change::Remove(desired[2].key()),
+        lb::Change::Put(svc(83, Protocol::Tcp, vec![(be1, 8080)], None)),
+        lb::Change::Put(svc(53, Protocol::Udp, vec![(be2, 5353)], None)),
+        lb::Change::Put(svc(81, Protocol::Tcp, vec![(be2, 8080), (be1, 8080)], None)),
+    ];
+    for step in &steps {
+        dp.sync_changes(std::slice::from_ref(step)).expect("change");
+        assert_eq!(dp.mirror(), dp.current(), "after {step:?}");
+        match step {
+            lb::Change::Put(s) => {
+                desired.retain(|d| d.key() != s.key());
+                desired.push(s.clone());
+            }
+            lb::Change::Remove(k) => desired.retain(|d| d.key() != *k),
+        }
+    }
+    let name = in_netns(&c, || {
+        tcp_name(at(83)).expect("connect to the added VIP:83").0
+    });
+    assert_eq!(name, "b1");
+    drop(dp);
+    let dp = lb::Dataplane::load(Path::new(BPFFS), &node, &opts).expect("reload balancer");
+    assert_eq!(dp.mirror(), dp.current());
+    assert_eq!(dp.sync(&desired).expect("resync after restart").writes, 0);
+    assert_eq!(dp.current().svcs.len(), desired.len());
     drop(dp);
     drop(servers);
 }

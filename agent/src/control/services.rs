@@ -3,7 +3,7 @@
 //! balancer's desired state ([`crate::lb::ServiceSpec`]): one entry per
 //! `ClusterIP` and service port, backed by the slice's ready endpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_proto::v1;
 
 use crate::dns::{PortRecord, ServiceRecord};
+use weir_common::SvcKey;
+
 use crate::lb::{NodePortBackend, NodePortSpec, Protocol, ServiceSpec};
 
 /// Kubernetes' default `ClientIP` affinity timeout (3 hours).
@@ -21,6 +23,9 @@ const DEFAULT_AFFINITY: Duration = Duration::from_hours(3);
 #[derive(Debug, Default, Clone)]
 pub struct ServiceTable {
     services: BTreeMap<String, Vec<ServiceSpec>>,
+    /// Which services (`<namespace>/<name>`) have an entry with that key:
+    /// the first one owns it, as in [`Self::specs`].
+    owners: BTreeMap<SvcKey, BTreeSet<String>>,
     /// The cluster DNS view, by (namespace, name).
     dns: BTreeMap<(String, String), ServiceRecord>,
     nodeports: BTreeMap<String, Vec<NodePortSpec>>,
@@ -42,9 +47,80 @@ pub enum ServiceError {
     },
 }
 
+/// What one event changed in a [`ServiceTable`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The load balancer entries whose spec may have changed (added,
+    /// changed or gone): resolve each with [`ServiceTable::spec_for`].
+    pub lb_keys: BTreeSet<SvcKey>,
+    /// Whether the cluster DNS view changed.
+    pub dns: bool,
+    /// Whether the service's `NodePort` entries changed.
+    pub nodeports: bool,
+}
+
+impl Applied {
+    /// Whether anything changed.
+    pub fn changed(&self) -> bool {
+        self.dns || self.nodeports || !self.lb_keys.is_empty()
+    }
+}
+
+/// The first spec of each key in `specs`.
+fn by_key(specs: &[ServiceSpec]) -> BTreeMap<SvcKey, &ServiceSpec> {
+    let mut out = BTreeMap::new();
+    for s in specs {
+        out.entry(s.key()).or_insert(s);
+    }
+    out
+}
+
 impl ServiceTable {
     /// Applies one event; whether the table changed.
     pub fn apply(&mut self, ev: &v1::ServiceEvent) -> Result<bool, ServiceError> {
+        self.apply_event(ev).map(|a| a.changed())
+    }
+
+    /// The entry with `key` the load balancer is to have, if a service
+    /// has one: the first service's (by `<namespace>/<name>`), as in
+    /// [`Self::specs`].
+    pub fn spec_for(&self, key: &SvcKey) -> Option<&ServiceSpec> {
+        let owner = self.owners.get(key)?.first()?;
+        self.services.get(owner)?.iter().find(|s| s.key() == *key)
+    }
+
+    /// Replaces (or with `None` removes) one service's entries; the keys
+    /// whose entry of this service changed.
+    fn set(&mut self, name: &str, specs: Option<Vec<ServiceSpec>>) -> BTreeSet<SvcKey> {
+        let old = self.services.remove(name).unwrap_or_default();
+        let specs_present = specs.is_some();
+        let new = specs.unwrap_or_default();
+        let (before, after) = (by_key(&old), by_key(&new));
+        let changed: BTreeSet<SvcKey> = before
+            .keys()
+            .chain(after.keys())
+            .filter(|k| before.get(*k) != after.get(*k))
+            .copied()
+            .collect();
+        for k in before.keys().filter(|k| !after.contains_key(*k)) {
+            if let Some(o) = self.owners.get_mut(k) {
+                o.remove(name);
+                if o.is_empty() {
+                    self.owners.remove(k);
+                }
+            }
+        }
+        for k in after.keys() {
+            self.owners.entry(*k).or_default().insert(name.to_owned());
+        }
+        if specs_present {
+            self.services.insert(name.to_owned(), new);
+        }
+        changed
+    }
+
+    /// Applies one event; what changed.
+    pub fn apply_event(&mut self, ev: &v1::ServiceEvent) -> Result<Applied, ServiceError> {
         let object = ev.service.as_ref().ok_or(ServiceError::Missing)?;
         let service: Service =
             serde_json::from_str(&object.json).map_err(|source| ServiceError::Decode {
@@ -61,8 +137,14 @@ impl ServiceTable {
         let dns_key = (namespace, name);
         if ev.r#type() == v1::EventType::Deleted {
             let dns = self.dns.remove(&dns_key).is_some();
-            let np = self.nodeports.remove(&key).is_some();
-            return Ok(self.services.remove(&key).is_some() || dns || np);
+            let present = self.services.contains_key(&key);
+            let nodeports = self.nodeports.remove(&key).is_some();
+            let lb_keys = self.set(&key, None);
+            return Ok(Applied {
+                lb_keys,
+                dns: dns || present,
+                nodeports,
+            });
         }
         let slice =
             match &ev.endpoint_slice {
@@ -76,18 +158,21 @@ impl ServiceTable {
             };
         let specs = specs_of(&service, slice.as_ref());
         let record = dns_of(&service, slice.as_ref());
-        let nodeports = nodeports_of(&service, slice.as_ref());
-        let changed = self.services.get(&key) != Some(&specs)
-            || self.dns.get(&dns_key) != Some(&record)
-            || self.nodeports.get(&key).unwrap_or(&Vec::new()) != &nodeports;
-        self.services.insert(key.clone(), specs);
+        let dns = self.dns.get(&dns_key) != Some(&record) || !self.services.contains_key(&key);
         self.dns.insert(dns_key, record);
+        let nodeports = nodeports_of(&service, slice.as_ref());
+        let nodeports_changed = self.nodeports.get(&key).unwrap_or(&Vec::new()) != &nodeports;
         if nodeports.is_empty() {
             self.nodeports.remove(&key);
         } else {
-            self.nodeports.insert(key, nodeports);
+            self.nodeports.insert(key.clone(), nodeports);
         }
-        Ok(changed)
+        let lb_keys = self.set(&key, Some(specs));
+        Ok(Applied {
+            lb_keys,
+            dns,
+            nodeports: nodeports_changed,
+        })
     }
 
     /// The load balancer's desired state: every service port of every
@@ -430,5 +515,72 @@ mod tests {
         );
         assert!(table.apply(&ev(v1::EventType::Deleted, None)).unwrap());
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn events_report_the_lb_keys_they_change_and_the_first_owner_wins() {
+        let event = |t: v1::EventType, name: &str, port: i64, slice: Option<&EndpointSlice>| {
+            let mut svc = service(&json!([{"name": "http", "port": port}]), &json!({}));
+            svc.metadata.name = Some(name.to_owned());
+            v1::ServiceEvent {
+                r#type: t.into(),
+                service: Some(v1::Object {
+                    meta: None,
+                    json: serde_json::to_string(&svc).unwrap(),
+                }),
+                endpoint_slice: slice.map(|s| v1::Object {
+                    meta: None,
+                    json: serde_json::to_string(s).unwrap(),
+                }),
+            }
+        };
+        let mut table = ServiceTable::default();
+        let a = table
+            .apply_event(&event(v1::EventType::Added, "web", 80, None))
+            .unwrap();
+        let key = table.specs()[0].key();
+        assert_eq!(a.lb_keys, BTreeSet::from([key]));
+        assert!(a.dns);
+        assert!(table.spec_for(&key).unwrap().backends.is_empty());
+        // Endpoints ready: the same key, now backed.
+        let a = table
+            .apply_event(&event(v1::EventType::Modified, "web", 80, Some(&slice())))
+            .unwrap();
+        assert_eq!(a.lb_keys, BTreeSet::from([key]));
+        assert_eq!(table.spec_for(&key).unwrap().backends.len(), 2);
+        // Another port: the old key goes, the new one comes.
+        let a = table
+            .apply_event(&event(v1::EventType::Modified, "web", 81, Some(&slice())))
+            .unwrap();
+        let key81 = table.specs()[0].key();
+        assert_eq!(a.lb_keys, BTreeSet::from([key, key81]));
+        assert!(table.spec_for(&key).is_none());
+        // A second service on the same VIP and port: the first by name owns it.
+        let a = table
+            .apply_event(&event(v1::EventType::Added, "api", 81, None))
+            .unwrap();
+        assert_eq!(a.lb_keys, BTreeSet::from([key81]));
+        assert!(
+            table.spec_for(&key81).unwrap().backends.is_empty(),
+            "api < web"
+        );
+        let a = table
+            .apply_event(&event(v1::EventType::Deleted, "api", 81, None))
+            .unwrap();
+        assert_eq!(a.lb_keys, BTreeSet::from([key81]));
+        assert_eq!(
+            table.spec_for(&key81).unwrap().backends.len(),
+            2,
+            "web again"
+        );
+        let a = table
+            .apply_event(&event(v1::EventType::Modified, "web", 81, Some(&slice())))
+            .unwrap();
+        assert!(!a.changed());
+        let a = table
+            .apply_event(&event(v1::EventType::Deleted, "web", 81, None))
+            .unwrap();
+        assert_eq!(a.lb_keys, BTreeSet::from([key81]));
+        assert!(table.spec_for(&key81).is_none() && table.is_empty());
     }
 }

@@ -14,8 +14,9 @@ use weir_proto::v1;
 use weir_proto::v1::node_event::Event;
 
 use super::routes::{PeerRoute, PeerRoutes};
-use super::services::ServiceTable;
+use super::services::{Applied, ServiceTable};
 use super::{BACKOFF_INITIAL, ControlPod, Shared, events, next_backoff};
+use crate::lb::Change;
 use crate::pod::DesiredPod;
 
 /// A stream silent for this long (the control bookmarks every 10 s) is
@@ -220,14 +221,14 @@ async fn consume(
             }
             (Some(Event::Service(svc)), None) => {
                 *revision = ev.revision;
-                let changed = sh
+                let applied = sh
                     .services
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .apply(&svc);
-                match changed {
-                    Ok(true) => sync_services(sh),
-                    Ok(false) => {}
+                    .apply_event(&svc);
+                match applied {
+                    Ok(a) if a.changed() => sync_changed_services(sh, &a),
+                    Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "service from the control refused"),
                 }
             }
@@ -306,6 +307,58 @@ fn sync_nodeports(sh: &Shared, lb: &crate::lb::Dataplane, nodeports: &[crate::lb
             "NodePort services programmed"
         ),
         Err(e) => tracing::error!(error = %e, "cannot program NodePort services"),
+    }
+}
+
+/// Programs what one service event changed: only the load balancer
+/// entries with the keys it touched (each resolved against the whole
+/// table, then the local DNS entry, else removed), O(that service); the
+/// cluster DNS zone is refreshed only if its view changed.
+fn sync_changed_services(sh: &Shared, applied: &Applied) {
+    let (changes, records) = {
+        let t = sh
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let local = sh.dns.as_ref().map(super::ClusterDns::local_specs);
+        let changes: Vec<Change> = applied
+            .lb_keys
+            .iter()
+            .map(|key| {
+                t.spec_for(key)
+                    .or_else(|| local.iter().flatten().find(|s| s.key() == *key))
+                    .map_or(Change::Remove(*key), |s| Change::Put(s.clone()))
+            })
+            .collect();
+        let records = (applied.dns && sh.dns.is_some()).then(|| t.dns_records());
+        (changes, records)
+    };
+    if let (Some(dns), Some(records)) = (&sh.dns, records) {
+        dns.zone.set(records);
+    }
+    let Some(lb) = &sh.lb else { return };
+    if applied.nodeports {
+        let nodeports = sh
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .nodeport_specs();
+        sync_nodeports(sh, lb, &nodeports);
+    }
+    if changes.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let synced = lb.sync_changes(&changes);
+    crate::http::observe_lb_sync(lb.pin_dir(), started.elapsed());
+    match synced {
+        Ok(stats) => tracing::debug!(
+            changed = changes.len(),
+            took = ?started.elapsed(),
+            ?stats,
+            "service change programmed"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot program a service change"),
     }
 }
 

@@ -42,7 +42,9 @@ use aya::{
     },
 };
 pub use nodeport::{NodePort, NodePortBackend, NodePortSpec, NodePortStats};
-pub use plan::{Current, Op, Plan, Protocol, ServiceSpec, backend, plan};
+pub use plan::{
+    Change, Current, Op, Plan, Protocol, ServiceSpec, apply_op, backend, plan, plan_changes,
+};
 use weir_common::{
     AFFINITY_MAP, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, LB_CFG_NETNS_FILTER,
     LB_CONFIG_MAP, LB_NETNS_MAP, LbConfig, PROG_LB_CONNECT4, PROG_LB_GETPEERNAME4,
@@ -158,6 +160,10 @@ struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     netns: HashMap<MapData, u64, u32>,
+    /// What `svcs`, `slots` and `backends` hold: read from them once at
+    /// load (the pins' contents), then updated by every write that
+    /// succeeded, so a sync never re-reads the maps.
+    mirror: Current,
 }
 
 /// The node's service load balancer.
@@ -240,13 +246,15 @@ impl Dataplane {
         for prog in PROGRAMS {
             attach(&mut ebpf, prog, &cgroup, &links_dir.join(prog))?;
         }
-        let maps = Maps {
+        let mut maps = Maps {
             svcs: take(&mut ebpf, SVC_MAP)?,
             slots: take(&mut ebpf, SLOTS_MAP)?,
             backends: take(&mut ebpf, BACKENDS_MAP)?,
             affinity: take(&mut ebpf, AFFINITY_MAP)?,
             netns: take(&mut ebpf, LB_NETNS_MAP)?,
+            mirror: Current::default(),
         };
+        maps.mirror = read_current(&maps);
         tracing::info!(node, cgroup = %opts.cgroup.display(), netns_filter = opts.netns_filter, "service load balancer attached");
         Ok(Self {
             pin_dir,
@@ -283,48 +291,42 @@ impl Dataplane {
         m.netns.keys().filter_map(Result::ok).collect()
     }
 
-    /// What the pinned maps hold now.
+    /// What the pinned maps hold now (read from the kernel).
     pub fn current(&self) -> Current {
         let m = self.maps.lock().expect("lb maps lock poisoned");
         read_current(&m)
     }
 
-    /// Makes the maps hold exactly `desired` by diff (never flushing):
-    /// unchanged services are not written, slots are written before a
-    /// count shrinks and after it grows.
+    /// What the balancer believes the maps hold: read from the pins at
+    /// load, then kept up to date by every write. Equal to
+    /// [`Self::current`] unless something else writes the maps.
+    pub fn mirror(&self) -> Current {
+        self.maps
+            .lock()
+            .expect("lb maps lock poisoned")
+            .mirror
+            .clone()
+    }
+
+    /// Makes the maps hold exactly `desired` by diff against what they
+    /// hold (never flushing): unchanged services are not written, slots
+    /// are written before a count shrinks and after it grows. Plans the
+    /// whole table (O(services), no map reads): for a full resync, e.g.
+    /// after a restart; single changes go through [`Self::sync_changes`].
     pub fn sync(&self, desired: &[ServiceSpec]) -> Result<SyncStats, LbError> {
         let mut m = self.maps.lock().expect("lb maps lock poisoned");
-        let cur = read_current(&m);
-        let p = plan(&cur, desired);
-        for key in &p.truncated {
-            tracing::warn!(
-                ?key,
-                "service has more than 1000 backends; the rest are ignored"
-            );
-        }
-        for op in &p.ops {
-            apply(&mut m, *op)?;
-        }
-        let mut purged = 0;
-        if !p.removed_backends.is_empty() {
-            let stale: Vec<AffinityKey> = m
-                .affinity
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| p.removed_backends.contains(&v.backend))
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                ignore_missing(m.affinity.remove(&k))
-                    .map_err(map_err("remove from", AFFINITY_MAP))?;
-                purged += 1;
-            }
-        }
-        Ok(SyncStats {
-            writes: p.ops.len(),
-            services: p.after.svcs.len(),
-            affinity_purged: purged,
-        })
+        let p = plan(&m.mirror, desired);
+        execute(&mut m, &p)
+    }
+
+    /// Applies `changes` (services added, changed or removed) by diff
+    /// against what the maps hold, touching only those services' entries:
+    /// O(the changed services), with the same write order as
+    /// [`Self::sync`].
+    pub fn sync_changes(&self, changes: &[Change]) -> Result<SyncStats, LbError> {
+        let mut m = self.maps.lock().expect("lb maps lock poisoned");
+        let p = plan_changes(&m.mirror, changes);
+        execute(&mut m, &p)
     }
 
     /// Whether the `NodePort` programs are attached, by this agent or (as
@@ -415,6 +417,40 @@ fn attach(ebpf: &mut Ebpf, prog: &'static str, cgroup: &File, pin: &Path) -> Res
     let fd: FdLink = link.try_into().map_err(prog_err("convert link of", prog))?;
     fd.pin(pin).map_err(prog_err("pin link of", prog))?;
     Ok(())
+}
+
+/// Writes a plan's ops in order (the mirror follows each write that
+/// succeeded), then drops affinity entries of removed backends.
+fn execute(m: &mut Maps, p: &Plan) -> Result<SyncStats, LbError> {
+    for key in &p.truncated {
+        tracing::warn!(
+            ?key,
+            "service has more than 1000 backends; the rest are ignored"
+        );
+    }
+    for op in &p.ops {
+        apply(m, *op)?;
+        apply_op(&mut m.mirror, *op);
+    }
+    let mut purged = 0;
+    if p.purge_affinity && !p.removed_backends.is_empty() {
+        let stale: Vec<AffinityKey> = m
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| p.removed_backends.contains(&v.backend))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            ignore_missing(m.affinity.remove(&k)).map_err(map_err("remove from", AFFINITY_MAP))?;
+            purged += 1;
+        }
+    }
+    Ok(SyncStats {
+        writes: p.ops.len(),
+        services: m.mirror.svcs.len(),
+        affinity_purged: purged,
+    })
 }
 
 fn read_current(m: &Maps) -> Current {

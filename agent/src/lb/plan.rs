@@ -103,60 +103,90 @@ pub enum Op {
     DelBackend(u32),
 }
 
+/// One change to the desired services, for [`plan_changes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The service with this spec's key is to be exactly this (added or
+    /// changed; an unchanged spec plans no writes).
+    Put(ServiceSpec),
+    /// The service with this key is to go (absent: nothing to do).
+    Remove(SvcKey),
+}
+
+impl Change {
+    /// The service key the change is about.
+    pub fn key(&self) -> SvcKey {
+        match self {
+            Self::Put(s) => s.key(),
+            Self::Remove(k) => *k,
+        }
+    }
+}
+
 /// The writes that turn `cur` into `desired`, and the desired state itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The writes, in order.
     pub ops: Vec<Op>,
-    /// The state after the writes.
+    /// The state after the writes: all of it for [`plan`], only the
+    /// changed services' entries for [`plan_changes`].
     pub after: Current,
     /// Backend ids removed (affinity entries pointing at them must go).
     pub removed_backends: BTreeSet<u32>,
+    /// Whether affinity entries may point at a removed backend (one of
+    /// its services had affinity, or it is not known).
+    pub purge_affinity: bool,
     /// Specs whose backend list was cut to [`MAX_BACKENDS_PER_SERVICE`].
     pub truncated: Vec<SvcKey>,
 }
 
-/// Smallest ids ≥ 1 not in `used`, handed out one at a time.
+/// Smallest ids ≥ `next` (wrapping, never 0) not in use, handed out one at
+/// a time; in use means in `used` or taken before.
 struct Ids<'a> {
-    used: &'a mut BTreeSet<u32>,
+    used: &'a dyn Fn(u32) -> bool,
+    taken: BTreeSet<u32>,
     next: u32,
 }
 
-impl Ids<'_> {
+impl<'a> Ids<'a> {
+    fn new(used: &'a dyn Fn(u32) -> bool, next: u32) -> Self {
+        Self {
+            used,
+            taken: BTreeSet::new(),
+            next,
+        }
+    }
+
     fn take(&mut self) -> u32 {
-        while self.used.contains(&self.next) || self.next == 0 {
+        while self.next == 0 || (self.used)(self.next) || self.taken.contains(&self.next) {
             self.next = self.next.wrapping_add(1);
         }
-        self.used.insert(self.next);
+        self.taken.insert(self.next);
         self.next
     }
 }
 
-/// Computes the writes from `cur` to `desired` (later specs with a key
-/// already seen are ignored).
-pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
-    let mut p = Plan::default();
-    let mut svc_ids: BTreeSet<u32> = cur.svcs.values().map(|v| v.id).collect();
-    let mut backend_ids: BTreeSet<u32> = cur.backends.keys().copied().collect();
-    // One cursor each for the whole plan (ids only get used up within it):
-    // restarting at 1 for every service made a sync from empty quadratic.
-    let mut svc_alloc = Ids {
-        used: &mut svc_ids,
-        next: 1,
-    };
-    let mut backend_alloc = Ids {
-        used: &mut backend_ids,
-        next: 1,
-    };
-    let mut seen = BTreeSet::new();
-    let mut slot_ops = Vec::new();
-    for spec in desired {
+/// The part shared by [`plan`] and [`plan_changes`]: plans one service's
+/// backends, slots and entry.
+struct Planner<'c> {
+    cur: &'c Current,
+    p: Plan,
+    slot_ops: Vec<Op>,
+}
+
+impl Planner<'_> {
+    /// Plans `spec` (new or changed); returns the backend ids it keeps
+    /// using.
+    fn put(
+        &mut self,
+        spec: &ServiceSpec,
+        svc_alloc: &mut dyn FnMut() -> u32,
+        backend_alloc: &mut dyn FnMut() -> u32,
+    ) -> (u32, Vec<u32>) {
+        let cur = self.cur;
         let key = spec.key();
-        if !seen.insert(key) {
-            continue;
-        }
         let old = cur.svcs.get(&key).copied();
-        let id = old.map_or_else(|| svc_alloc.take(), |v| v.id);
+        let id = old.map_or_else(&mut *svc_alloc, |v| v.id);
         let old_slots: Vec<(u32, Backend)> = (0..old.map_or(0, |v| v.count))
             .filter_map(|slot| {
                 let b = *cur.slots.get(&SlotKey { id, slot })?;
@@ -172,21 +202,21 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
         }
         if want.len() > MAX_BACKENDS_PER_SERVICE as usize {
             want.truncate(MAX_BACKENDS_PER_SERVICE as usize);
-            p.truncated.push(key);
+            self.p.truncated.push(key);
         }
-        let slots = layout(&old_slots, &want, || backend_alloc.take());
+        let slots = layout(&old_slots, &want, backend_alloc);
         for &(bid, b) in &slots {
             if cur.backends.get(&bid) != Some(&b) {
-                p.ops.push(Op::PutBackend(bid, b));
+                self.p.ops.push(Op::PutBackend(bid, b));
             }
-            p.after.backends.insert(bid, b);
+            self.p.after.backends.insert(bid, b);
         }
         for (slot, &(bid, _)) in (0u32..).zip(&slots) {
             let sk = SlotKey { id, slot };
             if cur.slots.get(&sk) != Some(&bid) {
-                slot_ops.push(Op::PutSlot(sk, bid));
+                self.slot_ops.push(Op::PutSlot(sk, bid));
             }
-            p.after.slots.insert(sk, bid);
+            self.p.after.slots.insert(sk, bid);
         }
         let value = SvcValue {
             id,
@@ -201,10 +231,44 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
                 .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)),
         };
         if old != Some(value) {
-            slot_ops.push(Op::PutSvc(key, value));
+            self.slot_ops.push(Op::PutSvc(key, value));
         }
-        p.after.svcs.insert(key, value);
+        self.p.after.svcs.insert(key, value);
+        (id, slots.into_iter().map(|(bid, _)| bid).collect())
     }
+}
+
+/// The slots a service id has in `cur` (any slot number).
+fn slots_of(cur: &Current, id: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
+    cur.slots
+        .range(SlotKey { id, slot: 0 }..=SlotKey { id, slot: u32::MAX })
+}
+
+/// Computes the writes from `cur` to `desired` (later specs with a key
+/// already seen are ignored).
+pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
+    let svc_ids: BTreeSet<u32> = cur.svcs.values().map(|v| v.id).collect();
+    let svc_used = |id| svc_ids.contains(&id);
+    let backend_used = |id| cur.backends.contains_key(&id);
+    // One cursor each for the whole plan (ids only get used up within it):
+    // restarting at 1 for every service made a sync from empty quadratic.
+    let mut svc_alloc = Ids::new(&svc_used, 1);
+    let mut backend_alloc = Ids::new(&backend_used, 1);
+    let mut pl = Planner {
+        cur,
+        p: Plan::default(),
+        slot_ops: Vec::new(),
+    };
+    let mut seen = BTreeSet::new();
+    for spec in desired {
+        if !seen.insert(spec.key()) {
+            continue;
+        }
+        pl.put(spec, &mut || svc_alloc.take(), &mut || backend_alloc.take());
+    }
+    let Planner {
+        mut p, slot_ops, ..
+    } = pl;
     p.ops.extend(slot_ops);
     p.ops.extend(
         cur.svcs
@@ -224,7 +288,109 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
             p.removed_backends.insert(*id);
         }
     }
+    p.purge_affinity = !p.removed_backends.is_empty();
     p
+}
+
+/// Computes the writes that apply `changes` to `cur`, touching only the
+/// changed services' entries (the last change of a key wins). The same
+/// order as [`plan`]: new backends, then per service its slots and then
+/// its entry, then entries that go, then slots, then backends no longer
+/// used. Relies on what [`plan`] guarantees: a backend id belongs to one
+/// service.
+pub fn plan_changes(cur: &Current, changes: &[Change]) -> Plan {
+    let last: BTreeMap<SvcKey, &Change> = changes.iter().map(|c| (c.key(), c)).collect();
+    // New ids go past the highest one in use (ids wrap after 2^32 - 1), so
+    // no allocation scans the ids in use.
+    let backend_used = |id| cur.backends.contains_key(&id);
+    let backend_next = cur
+        .backends
+        .last_key_value()
+        .map_or(1, |(id, _)| id.wrapping_add(1));
+    let mut backend_alloc = Ids::new(&backend_used, backend_next);
+    // Service ids are only indexed by key: the set is built (O(services))
+    // only when a service is added.
+    let svc_ids: std::cell::OnceCell<BTreeSet<u32>> = std::cell::OnceCell::new();
+    let ids = || svc_ids.get_or_init(|| cur.svcs.values().map(|v| v.id).collect());
+    let svc_used = |id| ids().contains(&id);
+    let mut svc_alloc: Option<Ids<'_>> = None;
+    let mut pl = Planner {
+        cur,
+        p: Plan::default(),
+        slot_ops: Vec::new(),
+    };
+    let (mut del_svcs, mut del_slots, mut del_backends) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, change) in last {
+        let old = cur.svcs.get(&key).copied();
+        let (keep_slots, keep_backends): (u32, Vec<u32>) = match change {
+            Change::Put(spec) => {
+                let (_, kept) = pl.put(
+                    spec,
+                    &mut || {
+                        svc_alloc
+                            .get_or_insert_with(|| {
+                                let next = ids().last().map_or(1, |id| id.wrapping_add(1));
+                                Ids::new(&svc_used, next)
+                            })
+                            .take()
+                    },
+                    &mut || backend_alloc.take(),
+                );
+                (u32::try_from(kept.len()).unwrap_or(u32::MAX), kept)
+            }
+            Change::Remove(_) => {
+                if old.is_some() {
+                    del_svcs.push(Op::DelSvc(key));
+                }
+                (0, Vec::new())
+            }
+        };
+        let Some(old) = old else { continue };
+        for (sk, bid) in slots_of(cur, old.id) {
+            if sk.slot >= keep_slots {
+                del_slots.push(Op::DelSlot(*sk));
+            }
+            if !keep_backends.contains(bid)
+                && cur.backends.contains_key(bid)
+                && pl.p.removed_backends.insert(*bid)
+            {
+                del_backends.push(Op::DelBackend(*bid));
+                pl.p.purge_affinity |= old.flags & SVC_FLAG_AFFINITY != 0;
+            }
+        }
+    }
+    let Planner {
+        mut p, slot_ops, ..
+    } = pl;
+    p.ops.extend(slot_ops);
+    p.ops.extend(del_svcs);
+    p.ops.extend(del_slots);
+    p.ops.extend(del_backends);
+    p
+}
+
+/// Applies `op` to `state`, as the map write does to the map.
+pub fn apply_op(state: &mut Current, op: Op) {
+    match op {
+        Op::PutBackend(k, v) => {
+            state.backends.insert(k, v);
+        }
+        Op::PutSlot(k, v) => {
+            state.slots.insert(k, v);
+        }
+        Op::PutSvc(k, v) => {
+            state.svcs.insert(k, v);
+        }
+        Op::DelSvc(k) => {
+            state.svcs.remove(&k);
+        }
+        Op::DelSlot(k) => {
+            state.slots.remove(&k);
+        }
+        Op::DelBackend(k) => {
+            state.backends.remove(&k);
+        }
+    }
 }
 
 /// New slot contents (backend id, backend) for a service whose slots were
@@ -234,7 +400,7 @@ pub fn plan(cur: &Current, desired: &[ServiceSpec]) -> Plan {
 fn layout(
     old: &[(u32, Backend)],
     want: &[Backend],
-    mut new_id: impl FnMut() -> u32,
+    new_id: &mut dyn FnMut() -> u32,
 ) -> Vec<(u32, Backend)> {
     let mut kept: HashMap<Backend, u32> = HashMap::new();
     let mut slots: Vec<Option<(u32, Backend)>> = old
@@ -292,26 +458,7 @@ mod tests {
     /// Applies a plan's ops to a state, as the maps would.
     fn apply(mut s: Current, ops: &[Op]) -> Current {
         for op in ops {
-            match *op {
-                Op::PutBackend(k, v) => {
-                    s.backends.insert(k, v);
-                }
-                Op::PutSlot(k, v) => {
-                    s.slots.insert(k, v);
-                }
-                Op::PutSvc(k, v) => {
-                    s.svcs.insert(k, v);
-                }
-                Op::DelSvc(k) => {
-                    s.svcs.remove(&k);
-                }
-                Op::DelSlot(k) => {
-                    s.slots.remove(&k);
-                }
-                Op::DelBackend(k) => {
-                    s.backends.remove(&k);
-                }
-            }
+            apply_op(&mut s, *op);
         }
         s
     }
@@ -438,5 +585,125 @@ mod tests {
         assert_eq!(p.after.svcs[&b.key()].id, cur.svcs[&b.key()].id);
         // Backends are per service: the same pod in two services has two ids.
         assert_eq!(cur.backends.len(), 2);
+    }
+
+    fn svc(port: u16, backends: &[u8]) -> ServiceSpec {
+        let mut s = spec(backends);
+        s.port = port;
+        s
+    }
+
+    /// The service ids, slot ids and backend ids an op touches.
+    fn touched(op: &Op) -> (Option<SvcKey>, Option<u32>, Option<u32>) {
+        match *op {
+            Op::PutSvc(k, _) | Op::DelSvc(k) => (Some(k), None, None),
+            Op::PutSlot(k, b) => (None, Some(k.id), Some(b)),
+            Op::DelSlot(k) => (None, Some(k.id), None),
+            Op::PutBackend(b, _) | Op::DelBackend(b) => (None, None, Some(b)),
+        }
+    }
+
+    /// No slot or backend is left that no service uses.
+    fn assert_no_orphans(s: &Current) {
+        let ids: BTreeSet<u32> = s.svcs.values().map(|v| v.id).collect();
+        for (k, b) in &s.slots {
+            assert!(ids.contains(&k.id), "orphan slot {k:?}");
+            let v = s.svcs.values().find(|v| v.id == k.id).unwrap();
+            assert!(k.slot < v.count, "slot {k:?} beyond count {}", v.count);
+            assert!(
+                s.backends.contains_key(b),
+                "slot {k:?} → missing backend {b}"
+            );
+        }
+        let used: BTreeSet<u32> = s.slots.values().copied().collect();
+        for b in s.backends.keys() {
+            assert!(used.contains(b), "orphan backend {b}");
+        }
+    }
+
+    #[test]
+    fn a_change_touches_only_its_service() {
+        let table: Vec<ServiceSpec> = (0..5).map(|i| svc(80 + i, &[1, 2, 3, 4])).collect();
+        let cur = plan(&Current::default(), &table).after;
+        let target = svc(82, &[1, 3, 4, 5, 6]);
+        let id = cur.svcs[&target.key()].id;
+        let own: BTreeSet<u32> = slots_of(&cur, id).map(|(_, b)| *b).collect();
+        let p = plan_changes(&cur, &[Change::Put(target.clone())]);
+        assert!(!p.ops.is_empty());
+        assert_consistent_throughout(&cur, &p.ops);
+        for op in &p.ops {
+            let (k, slot_id, b) = touched(op);
+            assert!(k.is_none_or(|k| k == target.key()), "{op:?}");
+            assert!(slot_id.is_none_or(|i| i == id), "{op:?}");
+            assert!(
+                b.is_none_or(|b| own.contains(&b) || !cur.backends.contains_key(&b)),
+                "{op:?} touches another service's backend"
+            );
+        }
+        let after = apply(cur.clone(), &p.ops);
+        assert_no_orphans(&after);
+        assert_eq!(
+            backends_of(&after, &target),
+            target
+                .backends
+                .iter()
+                .map(|&(i, p)| backend(i, p))
+                .collect()
+        );
+        for other in table.iter().filter(|s| s.key() != target.key()) {
+            assert_eq!(after.svcs[&other.key()], cur.svcs[&other.key()]);
+            assert_eq!(backends_of(&after, other), backends_of(&cur, other));
+        }
+        // Unchanged specs and removals of absent keys write nothing.
+        let again = plan_changes(
+            &after,
+            &[Change::Put(target), Change::Remove(svc(99, &[]).key())],
+        );
+        assert!(again.ops.is_empty(), "{:?}", again.ops);
+    }
+
+    #[test]
+    fn incremental_changes_agree_with_a_full_plan() {
+        let mut desired: Vec<ServiceSpec> = (0..6).map(|i| svc(80 + i, &[1, 2])).collect();
+        desired[5].affinity = Some(Duration::from_mins(1));
+        let mut state = plan(&Current::default(), &desired).after;
+        let steps: Vec<Change> = vec![
+            Change::Remove(desired[1].key()),
+            Change::Put(svc(81, &[7, 8, 9])),
+            Change::Put(svc(90, &[1, 2, 3])),
+            Change::Put(svc(83, &[])),
+            Change::Remove(desired[0].key()),
+            Change::Put(svc(83, &[4, 5])),
+            Change::Put(svc(91, &[4])),
+            Change::Put(svc(80, &[1])),
+        ];
+        for (n, change) in steps.iter().enumerate() {
+            let p = plan_changes(&state, std::slice::from_ref(change));
+            assert_consistent_throughout(&state, &p.ops);
+            state = apply(state, &p.ops);
+            match change {
+                Change::Put(s) => {
+                    desired.retain(|d| d.key() != s.key());
+                    desired.push(s.clone());
+                }
+                Change::Remove(k) => desired.retain(|d| d.key() != *k),
+            }
+            assert_no_orphans(&state);
+            let full = plan(&state, &desired);
+            assert!(
+                full.ops.is_empty(),
+                "step {n}: a full plan still writes {:?}",
+                full.ops
+            );
+            let ids: BTreeSet<u32> = state.svcs.values().map(|v| v.id).collect();
+            assert_eq!(ids.len(), state.svcs.len(), "service ids stay distinct");
+        }
+        // Affinity entries only need a purge when the service had affinity.
+        let p = plan_changes(&state, &[Change::Put(svc(84, &[1]))]);
+        assert!(!p.removed_backends.is_empty() && !p.purge_affinity);
+        let mut sticky = svc(85, &[1]);
+        sticky.affinity = Some(Duration::from_mins(1));
+        let p = plan_changes(&state, &[Change::Put(sticky)]);
+        assert!(!p.removed_backends.is_empty() && p.purge_affinity);
     }
 }

@@ -591,7 +591,9 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
         "vs_iptables_ge_1.5": vs_ipt >= 1.5,
         "flat_within_5pct": flat >= 0.95,
         "change_p99_le_50ms": num(&churn, "p99_ms") <= 50.0,
-        "full_resync_le_2s": num(&full, "sync_ms") <= 2000.0 && num(&full, "noop_sync_ms") <= 2000.0,
+        "full_resync_le_2s": num(&full, "sync_ms") <= 2000.0
+            && num(&full, "noop_sync_ms") <= 2000.0
+            && num(&churn, "restart_total_ms") <= 2000.0,
     });
     let all = met
         .as_object()
