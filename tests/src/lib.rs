@@ -1123,6 +1123,70 @@ pub fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// A client outside the cluster: a network namespace with a veth on a
+/// cluster's bridge (its address `ip`/24, no default route), as a machine
+/// on the nodes' LAN calling `<node IP>:<nodePort>`. Removed on drop.
+pub struct BridgeClient {
+    name: String,
+    host_if: String,
+}
+
+impl BridgeClient {
+    /// Creates the client netns on `cluster`'s bridge with address `ip`.
+    pub fn new(cluster: &Cluster, ip: Ipv4Addr) -> anyhow::Result<Self> {
+        let me = Self {
+            name: format!("wt{}-bc", cluster.tag),
+            host_if: format!("wt{}bc", cluster.tag),
+        };
+        me.cleanup();
+        sh("ip", &["netns", "add", &me.name])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &me.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &me.name,
+            ],
+        )?;
+        sh(
+            "ip",
+            &["link", "set", &me.host_if, "master", &cluster.bridge, "up"],
+        )?;
+        let n = |args: &[&str]| {
+            let mut all = vec!["-n", me.name.as_str()];
+            all.extend_from_slice(args);
+            sh("ip", &all)
+        };
+        n(&["link", "set", "lo", "up"])?;
+        n(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        n(&["link", "set", "eth0", "up"])?;
+        Ok(me)
+    }
+
+    /// The client's network namespace (for [`http_get_in`], [`udp_bind_in`]).
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.name))
+    }
+
+    fn cleanup(&self) {
+        sh_quiet("ip", &["netns", "del", &self.name]);
+        sh_quiet("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+impl Drop for BridgeClient {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
 /// A busybox HTTP server pod serving `body` on `port`.
 pub fn web_pod(name: &str, port: u16, body: &str) -> String {
     format!(
