@@ -1187,6 +1187,26 @@ impl Drop for BridgeClient {
     }
 }
 
+/// A `DaemonSet` `client` of idle busybox pods: an HTTP/DNS client on every
+/// node for the control-mode e2e tests.
+pub const CLIENT_DS: &str = r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: client
+spec:
+  selector:
+    matchLabels: {app: client}
+  template:
+    metadata:
+      labels: {app: client}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: c
+        image: busybox
+        command: ["sleep", "3600"]
+"#;
+
 /// A busybox HTTP server pod serving `body` on `port`.
 pub fn web_pod(name: &str, port: u16, body: &str) -> String {
     format!(

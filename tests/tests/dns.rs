@@ -78,25 +78,6 @@ spec:
   - {name: http, port: 80, targetPort: http}
 ";
 
-/// Idle busybox pods on every node: the clients.
-const CLIENT_DS: &str = r#"apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: client
-spec:
-  selector:
-    matchLabels: {app: client}
-  template:
-    metadata:
-      labels: {app: client}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: c
-        image: busybox
-        command: ["sleep", "3600"]
-"#;
-
 fn running_ready(p: &Value) -> bool {
     !p["metadata"]["deletionTimestamp"].is_string()
         && p["status"]["phase"] == "Running"
@@ -234,7 +215,7 @@ fn pods_resolve_services_by_name() -> anyhow::Result<()> {
                 .filter(|o| condition_status(o, "Ready") == "True")
         })?;
     }
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(WEB)?;
     c.weirctl_apply(WEB_SVC)?;
     c.weirctl_apply(HEADLESS_SVC)?;

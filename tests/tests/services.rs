@@ -115,25 +115,6 @@ spec:
       failureThreshold: 1
 "#;
 
-/// Idle busybox pods on every node: the clients.
-const CLIENT_DS: &str = r#"apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: client
-spec:
-  selector:
-    matchLabels: {app: client}
-  template:
-    metadata:
-      labels: {app: client}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: c
-        image: busybox
-        command: ["sleep", "3600"]
-"#;
-
 fn node_of(p: &Value) -> String {
     p["spec"]["nodeName"]
         .as_str()
@@ -769,7 +750,7 @@ fn cluster_ip_services_balance_real_traffic() -> anyhow::Result<()> {
                 .filter(|o| condition_status(o, "Ready") == "True")
         })?;
     }
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
 
     let t = Instant::now();

@@ -152,25 +152,6 @@ spec:
     )
 }
 
-/// A `DaemonSet` `client` of idle busybox pods: HTTP clients on every node.
-const CLIENT_DS: &str = r#"apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: client
-spec:
-  selector:
-    matchLabels: {app: client}
-  template:
-    metadata:
-      labels: {app: client}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: c
-        image: busybox
-        command: ["sleep", "3600"]
-"#;
-
 /// The client pods by node: node name → the pod's netns.
 fn clients(c: &ControlCluster, api: &Api) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let n = c.cluster.nodes.len();
@@ -519,7 +500,7 @@ fn deployment_spreads_scales_rolls_out_under_probes_and_rolls_back() -> anyhow::
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     wait_nodes_ready(&api, &c.node_names())?;
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
     let six = deployment_spreads_and_answers(&c, &api, &clients)?;
     scale_up_and_down(&c, &api, &six)?;
@@ -833,7 +814,7 @@ fn nodes_cordon_drain_fail_recover_and_the_control_restarts() -> anyhow::Result<
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     wait_nodes_ready(&api, &c.node_names())?;
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(&web_deployment("web", 6, "v1", ""))?;
     let clients = clients(&c, &api)?;
     wait_settled(&api, "app=web", 6, START, |_| true)?;
@@ -853,7 +834,7 @@ fn control_on_etcd_runs_pods_and_restarts_without_losing_them() -> anyhow::Resul
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     wait_nodes_ready(&api, &c.node_names())?;
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(&web_deployment("web", 3, "v1", ""))?;
     let clients = clients(&c, &api)?;
     let pods = wait_settled(&api, "app=web", 3, START, |_| true)?;
@@ -1023,7 +1004,7 @@ fn taints_affinity_and_daemonsets_place_pods_where_the_manifests_say() -> anyhow
     let api = Api::connect(&c.control.url())?;
     let names = c.node_names();
     wait_nodes_ready(&api, &names)?;
-    c.weirctl_apply(CLIENT_DS)?;
+    c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
     taints_and_node_affinity(&c, &api, &names)?;
     anti_affinity_and_daemonset(&c, &api, &names, &clients)?;
