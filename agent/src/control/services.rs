@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_proto::v1;
 
@@ -244,6 +244,28 @@ pub fn dns_of(service: &Service, slice: Option<&EndpointSlice>) -> ServiceRecord
     }
 }
 
+/// A service port's protocol, if the load balancer handles it (TCP, UDP).
+fn protocol_of(port: &ServicePort) -> Option<Protocol> {
+    match port.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// The backends' port for a service port: the slice's port of the same
+/// name (the resolved targetPort).
+fn target_port(slice: Option<&EndpointSlice>, port: &ServicePort) -> Option<u16> {
+    let name = port.name.as_deref().unwrap_or_default();
+    slice?
+        .ports
+        .as_ref()?
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or_default() == name)?
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// The load-balancer entries of one Service: one per port, on its
 /// `ClusterIP`, backed by the ready endpoints' addresses and the slice's port
 /// of the same name. Headless services (no `ClusterIP`) balance nothing.
@@ -269,24 +291,13 @@ pub fn specs_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<Service
     let ready = ready_addresses(slice);
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
-        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            _ => continue,
+        let Some(proto) = protocol_of(port) else {
+            continue;
         };
         let Ok(service_port) = u16::try_from(port.port) else {
             continue;
         };
-        let target = slice
-            .and_then(|s| s.ports.as_ref())
-            .and_then(|ports| {
-                ports.iter().find(|p| {
-                    p.name.as_deref().unwrap_or_default()
-                        == port.name.as_deref().unwrap_or_default()
-                })
-            })
-            .and_then(|p| p.port)
-            .and_then(|p| u16::try_from(p).ok());
+        let target = target_port(slice, port);
         let backends = match target {
             Some(target) => ready.iter().map(|ip| (*ip, target)).collect(),
             None => Vec::new(),
@@ -329,24 +340,13 @@ pub fn nodeports_of(service: &Service, slice: Option<&EndpointSlice>) -> Vec<Nod
         .unwrap_or_default();
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
-        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            _ => continue,
+        let Some(proto) = protocol_of(port) else {
+            continue;
         };
         let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
             continue;
         };
-        let target = slice
-            .and_then(|s| s.ports.as_ref())
-            .and_then(|ports| {
-                ports.iter().find(|p| {
-                    p.name.as_deref().unwrap_or_default()
-                        == port.name.as_deref().unwrap_or_default()
-                })
-            })
-            .and_then(|p| p.port)
-            .and_then(|p| u16::try_from(p).ok());
+        let target = target_port(slice, port);
         let backends = match target {
             Some(port) => ready
                 .iter()
