@@ -1,7 +1,8 @@
 //! weir's API crate: the object model shared by weir-control, weir-agent and
-//! weirctl (manifest parsing and validation in [`manifest`]) and the gRPC
-//! services of `proto/weir/v1/*.proto` in [`v1`].
+//! weirctl (manifest parsing and validation in [`manifest`], IPv4 prefixes
+//! in [`cidr`]) and the gRPC services of `proto/weir/v1/*.proto` in [`v1`].
 
+pub mod cidr;
 pub mod manifest;
 
 /// The `weir.v1` gRPC API: the `Objects` service for users and the `Nodes`

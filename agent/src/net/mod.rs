@@ -8,7 +8,6 @@
 //! point: IP leases are written before an address is configured, and each
 //! step checks what is already there.
 
-mod cidr;
 mod error;
 mod host;
 mod ipam;
@@ -24,10 +23,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use cidr::{Cidr, CidrError};
 pub use error::NetError;
 use ipam::Ipam;
 pub use podns::GATEWAY;
+pub use weir_proto::cidr::{Cidr, CidrError};
 
 /// What a node's pod networking needs to know.
 #[derive(Clone, Debug)]

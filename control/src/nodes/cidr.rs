@@ -1,77 +1,12 @@
-//! IPv4 CIDRs and the allocation of per-node pod CIDRs (`/24`s) out of the
-//! cluster CIDR.
+//! The allocation of per-node pod CIDRs (`/24`s) out of the cluster CIDR
+//! ([`Cidr`] itself is weir-proto's, shared with the agent).
 
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::str::FromStr;
+
+pub use weir_proto::cidr::{Cidr, CidrError};
 
 /// The prefix length of a node's pod CIDR.
 pub const NODE_PREFIX: u8 = 24;
-
-/// An IPv4 network, e.g. `10.244.0.0/16` (host bits zero).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    /// The network address.
-    pub addr: Ipv4Addr,
-    /// The prefix length, 0..=32.
-    pub prefix: u8,
-}
-
-/// Why a CIDR string was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid CIDR {text:?}: {reason}")]
-pub struct CidrError {
-    /// The refused text.
-    pub text: String,
-    /// What is wrong with it.
-    pub reason: &'static str,
-}
-
-impl Cidr {
-    fn mask(self) -> u32 {
-        if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        }
-    }
-
-    /// Whether `other` lies entirely inside this network.
-    pub fn contains(self, other: Cidr) -> bool {
-        other.prefix >= self.prefix && u32::from(other.addr) & self.mask() == u32::from(self.addr)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(text: &str) -> Result<Self, CidrError> {
-        let err = |reason| CidrError {
-            text: text.to_owned(),
-            reason,
-        };
-        let (addr, prefix) = text
-            .split_once('/')
-            .ok_or_else(|| err("expected <address>/<prefix length>"))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| err("prefix length must be 0..=32"))?;
-        let cidr = Cidr { addr, prefix };
-        if u32::from(addr) & !cidr.mask() != 0 {
-            return Err(err("host bits are set"));
-        }
-        Ok(cidr)
-    }
-}
 
 /// The lowest `/24` of `cluster` not in `used`, skipping the cluster's
 /// first `/24` (`10.244.0.0/24` stays free, as the contract has it); `None`
@@ -130,7 +65,7 @@ mod tests {
         assert_eq!(allocate(small, &[]), Some(c("10.1.1.0/24")));
         assert_eq!(allocate(small, &[c("10.1.1.0/24")]), None);
         assert_eq!(allocate(c("10.1.0.0/25"), &[]), None);
-        assert!(cluster.contains(c("10.244.7.0/24")));
-        assert!(!cluster.contains(c("10.245.7.0/24")));
+        assert!(cluster.contains_net(c("10.244.7.0/24")));
+        assert!(!cluster.contains_net(c("10.245.7.0/24")));
     }
 }

@@ -173,7 +173,7 @@ impl<S: Store> NodesService<S> {
             .and_then(|s| s.pointer("/spec/podCIDR"))
             .and_then(Value::as_str)
             .and_then(|c| c.parse::<Cidr>().ok())
-            .filter(|c| self.cfg.cluster_cidr.contains(*c));
+            .filter(|c| self.cfg.cluster_cidr.contains_net(*c));
         if let Some(c) = kept {
             return Ok(c);
         }

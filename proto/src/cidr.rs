@@ -1,4 +1,6 @@
-//! IPv4 prefixes as they appear in configuration ("10.244.1.0/24").
+//! IPv4 prefixes as they appear in configuration and objects
+//! ("10.244.1.0/24"): the node agent's pod, cluster and service CIDRs and
+//! weir-control's allocation of node pod CIDRs and cluster IPs.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -6,7 +8,7 @@ use std::str::FromStr;
 
 /// An IPv4 network prefix. Parsing rejects host bits, so "10.244.1.5/24" is
 /// an error rather than silently meaning 10.244.1.0/24.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     /// Network address (host bits are zero).
     pub addr: Ipv4Addr,
@@ -31,7 +33,7 @@ impl Cidr {
         if prefix > 32 {
             return Err(CidrError {
                 input: format!("{addr}/{prefix}"),
-                reason: "prefix length above 32",
+                reason: "prefix length must be 0..=32",
             });
         }
         if u32::from(addr) & !cidr.mask() != 0 {
@@ -55,6 +57,11 @@ impl Cidr {
         u32::from(ip) & self.mask() == u32::from(self.addr)
     }
 
+    /// Whether `other` lies entirely inside this prefix.
+    pub fn contains_net(&self, other: Cidr) -> bool {
+        other.prefix >= self.prefix && self.contains(other.addr)
+    }
+
     /// The last address of the prefix (the broadcast address for a subnet).
     pub fn last(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) | !self.mask())
@@ -75,13 +82,17 @@ impl FromStr for Cidr {
             input: s.to_owned(),
             reason,
         };
-        let (addr, prefix) = s.split_once('/').ok_or_else(|| err("missing /prefix"))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| err("bad IPv4 address"))?;
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| err("expected <address>/<prefix length>"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
         // u8::from_str accepts a leading '+'; a prefix is plain digits.
         if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err("bad prefix length"));
+            return Err(err("prefix length must be 0..=32"));
         }
-        let prefix: u8 = prefix.parse().map_err(|_| err("bad prefix length"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| err("prefix length must be 0..=32"))?;
         Cidr::new(addr, prefix).map_err(|e| err(e.reason))
     }
 }
