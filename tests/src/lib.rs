@@ -1207,6 +1207,33 @@ spec:
         command: ["sleep", "3600"]
 "#;
 
+/// A `Deployment` `web` of `replicas` busybox httpd pods answering their
+/// hostname on the named port `http` (8080), for the services e2e tests.
+pub fn web_deployment(replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: busybox
+        command: ["sh", "-c", "mkdir -p /srv && hostname > /srv/index.html && exec httpd -f -p 8080 -h /srv"]
+        ports:
+        - {{name: http, containerPort: 8080}}
+"#
+    )
+}
+
 /// A busybox HTTP server pod serving `body` on `port`.
 pub fn web_pod(name: &str, port: u16, body: &str) -> String {
     format!(

@@ -22,28 +22,6 @@ const START: Duration = Duration::from_secs(90);
 /// How long a service change may take to show in every node's answers.
 const PROGRAMMED: Duration = Duration::from_secs(15);
 
-/// Two httpd pods answering their hostname on the named port `http`.
-const WEB: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: web
-        image: busybox
-        command: ["sh", "-c", "mkdir -p /srv && hostname > /srv/index.html && exec httpd -f -p 8080 -h /srv"]
-        ports:
-        - {name: http, containerPort: 8080}
-"#;
-
 /// `ClusterIP` Service `web`: TCP 80 → `http`.
 const WEB_SVC: &str = r"apiVersion: v1
 kind: Service
@@ -216,7 +194,7 @@ fn pods_resolve_services_by_name() -> anyhow::Result<()> {
         })?;
     }
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
-    c.weirctl_apply(WEB)?;
+    c.weirctl_apply(&weir_tests::web_deployment(2))?;
     c.weirctl_apply(WEB_SVC)?;
     c.weirctl_apply(HEADLESS_SVC)?;
     let clients = clients(&c, &api)?;

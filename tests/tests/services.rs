@@ -36,28 +36,6 @@ const UDP_PORT: u16 = 5353;
 /// Requests per client in a spread check.
 const N: usize = 30;
 
-/// Three httpd pods answering their hostname on the named port `http`.
-const WEB: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 3
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: web
-        image: busybox
-        command: ["sh", "-c", "mkdir -p /srv && hostname > /srv/index.html && exec httpd -f -p 8080 -h /srv"]
-        ports:
-        - {name: http, containerPort: 8080}
-"#;
-
 /// `ClusterIP` Service `web`: TCP 80 → `http`, UDP 53 → 5353.
 const WEB_SVC: &str = r"apiVersion: v1
 kind: Service
@@ -341,7 +319,7 @@ fn cluster_ip_spreads(
     api: &Api,
     clients: &Clients,
 ) -> anyhow::Result<(Vec<Value>, Ipv4Addr)> {
-    c.weirctl_apply(WEB)?;
+    c.weirctl_apply(&weir_tests::web_deployment(3))?;
     c.weirctl_apply(WEB_SVC)?;
     let web = wait_settled(api, "app=web", 3)?;
     let vip = cluster_ip(api, "web")?;
