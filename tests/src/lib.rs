@@ -708,6 +708,7 @@ fn cleanup_names(tag: &str, bridge: &str, dir: &Path) {
     // (remove_dir fails on a directory another node still has entries in).
     let _ = std::fs::remove_dir("/sys/fs/bpf/weir");
     let _ = std::fs::remove_dir("/run/weir/netns");
+    let _ = std::fs::remove_dir("/run/weir");
 }
 
 impl Drop for Cluster {

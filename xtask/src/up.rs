@@ -431,6 +431,13 @@ pub fn down() {
         quiet("ip", &["route", "del", "unreachable", cidr]);
     }
     let _ = std::fs::remove_dir_all(CONTROL_STORE);
+    // containerd's runtime state (its rootfs mounts are gone above) and the
+    // shared parents, once no other node (a test's) has entries in them.
+    let _ = std::fs::remove_dir_all(CONTAINERD_DIR);
+    let _ = std::fs::remove_dir_all(CONTAINERD_ROOT);
+    for dir in ["/sys/fs/bpf/weir", "/run/weir/netns", RUN_DIR, "/var/lib/weir"] {
+        let _ = std::fs::remove_dir(dir);
+    }
     eprintln!("weir is down");
 }
 

@@ -420,6 +420,8 @@ pub(crate) fn scrub() {
     let _ = std::fs::remove_dir_all(&pod_netns);
     let _ = std::fs::remove_dir_all(Path::new("/run/weir").join(NODE));
     let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/weir").join(NODE));
+    // The shared parent too, once no other node has pins in it.
+    let _ = std::fs::remove_dir("/sys/fs/bpf/weir");
     // Containers whose shim is gone (an interrupted run) still run in
     // these cgroups: end them by pid, then remove the cgroups.
     let groups: Vec<PathBuf> = [format!("weir-{NODE}"), BASE_CTR_NS.to_owned()]
