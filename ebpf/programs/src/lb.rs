@@ -114,13 +114,17 @@ fn translate(ctx: &SockAddrContext, connect: bool) -> i32 {
         proto: sa.protocol as u8,
         pad: 0,
     };
-    // SAFETY: the cookie helper takes the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { WEIR_SVC_V1.get(&key) }).copied() else {
         if connect {
-            // A socket re-connected away from a VIP no longer shows it.
-            let _ = WEIR_SOCK_REV_V1.remove(&cookie);
+            // A socket re-connected away from a VIP no longer shows it. The
+            // lock-free lookup first: almost every connect has no entry.
+            // SAFETY: the cookie helper takes the program's context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            // SAFETY: the value is only tested for presence.
+            if unsafe { WEIR_SOCK_REV_V1.get(&cookie) }.is_some() {
+                let _ = WEIR_SOCK_REV_V1.remove(&cookie);
+            }
         }
         return ALLOW;
     };
@@ -136,6 +140,8 @@ fn translate(ctx: &SockAddrContext, connect: bool) -> i32 {
     };
     sa.user_ip4 = backend.ip;
     sa.user_port = u32::from(backend.port);
+    // SAFETY: the cookie helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let _ = WEIR_SOCK_REV_V1.insert(&cookie, &key, 0);
     ALLOW
 }

@@ -42,8 +42,11 @@ const CGROUP: &str = "/sys/fs/cgroup/unified/weir-lbbench";
 const PORT: u16 = 8080;
 /// wrk: threads, connections, seconds per run.
 const WRK: (u32, u32, u32) = (2, 16, 5);
-/// Interleaved repetitions of every measurement (the median is kept).
-const REPS: usize = 3;
+/// Paired repetitions of every measurement (the median is kept; ratios
+/// are the median of the per-pair ratios).
+const REPS: usize = 5;
+/// Server threads: more than wrk's keep-alive connections.
+const WORKERS: usize = 2 * WRK.1 as usize;
 /// Bound of one wrk run beyond its duration.
 const WRK_SLACK: Duration = Duration::from_secs(20);
 
@@ -64,7 +67,7 @@ fn real(k: u8) -> Vec<(Ipv4Addr, u16)> {
 struct Guard {
     helper: PathBuf,
     stop: Arc<AtomicBool>,
-    server: Option<JoinHandle<()>>,
+    server: Vec<JoinHandle<()>>,
 }
 
 fn cleanup(helper: &Path) {
@@ -81,19 +84,21 @@ fn cleanup(helper: &Path) {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
+        // Wake every worker blocked in accept.
         let _ = std::thread::scope(|s| {
             s.spawn(|| {
                 enter_netns(&netns(SRV))?;
-                TcpStream::connect_timeout(
-                    &(Ipv4Addr::new(10, 250, 1, 2), PORT).into(),
-                    Duration::from_secs(1),
-                )?;
+                for _ in 0..self.server.len() {
+                    TcpStream::connect_timeout(
+                        &(Ipv4Addr::new(10, 250, 1, 2), PORT).into(),
+                        Duration::from_secs(1),
+                    )?;
+                }
                 anyhow::Ok(())
             })
             .join()
         });
-        if let Some(t) = self.server.take() {
+        for t in self.server.drain(..) {
             let _ = t.join();
         }
         cleanup(&self.helper);
@@ -160,34 +165,36 @@ fn setup_net() -> anyhow::Result<()> {
 }
 
 /// HTTP/1.1 server: answers every request with 200 "ok", keeps the
-/// connection unless the request says `Connection: close`.
-fn start_server(stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
+/// connection unless the request says `Connection: close`. A fixed pool of
+/// [`WORKERS`] threads accepts and serves (a thread per connection would make
+/// thread creation the ceiling of every new-connection figure).
+fn start_server(stop: &Arc<AtomicBool>) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         let l = enter_netns(&netns(SRV))
             .and_then(|()| TcpListener::bind(("0.0.0.0", PORT)).context("bind server"));
-        let l = match l {
-            Ok(l) => {
-                let _ = tx.send(Ok(()));
-                l
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        };
-        for c in l.incoming() {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Ok(c) = c {
-                std::thread::spawn(move || handle(c));
-            }
-        }
+        let _ = tx.send(l);
     });
-    rx.recv_timeout(Duration::from_secs(5))
+    let l = rx
+        .recv_timeout(Duration::from_secs(5))
         .context("server start")??;
-    Ok(t)
+    let _ = t.join();
+    let mut workers = Vec::with_capacity(WORKERS);
+    for _ in 0..WORKERS {
+        let l = l.try_clone().context("clone the listener")?;
+        let stop = stop.clone();
+        workers.push(std::thread::spawn(move || {
+            for c in l.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = c {
+                    handle(c);
+                }
+            }
+        }));
+    }
+    Ok(workers)
 }
 
 fn handle(c: TcpStream) {
@@ -311,6 +318,28 @@ fn parse_wrk(text: &str) -> anyhow::Result<Run> {
         p99_ms,
         errors,
     })
+}
+
+/// Runs `a` and `b` one after the other, `a` first on even reps and `b`
+/// first on odd ones, so a drifting machine favours neither.
+fn pair(
+    rep: usize,
+    a: impl FnOnce() -> anyhow::Result<Run>,
+    b: impl FnOnce() -> anyhow::Result<Run>,
+) -> anyhow::Result<(Run, Run)> {
+    if rep.is_multiple_of(2) {
+        let a = a()?;
+        Ok((a, b()?))
+    } else {
+        let b = b()?;
+        Ok((a()?, b))
+    }
+}
+
+/// The median of `xs` (not empty).
+fn median_f(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 /// The median (by rate) of runs, with the errors of all.
@@ -475,10 +504,10 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
     let mut guard = Guard {
         helper: helper_bin.clone(),
         stop: stop.clone(),
-        server: None,
+        server: Vec::new(),
     };
     setup_net()?;
-    guard.server = Some(start_server(stop)?);
+    guard.server = start_server(&stop)?;
     let variants = iptables_variants();
     let weir_reals = real(1)
         .iter()
@@ -495,19 +524,29 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
     let direct = format!("{}:{PORT}", real(1)[0].0);
     let mut hop = serde_json::Map::new();
     let mut hop_ratio = serde_json::Map::new();
+    let mut w100_rel = 1.0;
     for (mode, close) in [("keepalive", false), ("new_connection", true)] {
-        let (mut d, mut v) = (Vec::new(), Vec::new());
+        let (mut d, mut v, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..REPS {
-            eprintln!("bench lb: (a) {mode} rep {rep}: direct, then VIP");
-            d.push(wrk(CLIENTS[0].0, &direct, close, true)?);
-            v.push(wrk(CLIENTS[0].0, &measured_small, close, true)?);
+            eprintln!("bench lb: (a) {mode} rep {rep}: direct and VIP");
+            let (dr, vr) = pair(
+                rep,
+                || wrk(CLIENTS[0].0, &direct, close, true),
+                || wrk(CLIENTS[0].0, &measured_small, close, true),
+            )?;
+            r.push(vr.rps / dr.rps);
+            d.push(dr);
+            v.push(vr);
         }
-        let (d, v) = (median(d), median(v));
+        let ratio = median_f(r);
+        if close {
+            w100_rel = ratio;
+        }
         hop.insert(
             mode.into(),
-            json!({"direct": run_json(d), "vip": run_json(v)}),
+            json!({"direct": run_json(median(d)), "vip": run_json(median(v))}),
         );
-        hop_ratio.insert(mode.into(), json!(round3(v.rps / d.rps)));
+        hop_ratio.insert(mode.into(), json!(round3(ratio)));
     }
 
     // (c) programming latency at scale.
@@ -539,48 +578,51 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
         rule_files.push(file);
     }
 
-    // (b) new-connection rate through the measured VIP.
+    // (b) new-connection rate through the measured VIP, each rep against
+    // the direct rate and both iptables variants measured next to it.
     let measured_big = format!("{}:80", vip(args.services - 1));
-    let (mut w100, mut wbig) = (Vec::new(), Vec::new());
+    let (mut wbig, mut dbig, mut vs_ipt_r, mut flat_r) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ipt: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
     for rep in 0..REPS {
         eprintln!(
-            "bench lb: (b) rep {rep}: weir at {}, iptables",
+            "bench lb: (b) rep {rep}: weir at {}, direct, iptables",
             args.services
         );
-        wbig.push(wrk(CLIENTS[0].0, &measured_big, true, true)?);
+        let (w, d) = pair(
+            rep,
+            || wrk(CLIENTS[0].0, &measured_big, true, true),
+            || wrk(CLIENTS[0].0, &direct, true, true),
+        )?;
+        let mut fastest = 0.0f64;
         for (i, &(_, _, client, _)) in variants.iter().enumerate() {
-            ipt[i].push(wrk(client, &measured_big, true, false)?);
+            let run = wrk(client, &measured_big, true, false)?;
+            fastest = fastest.max(run.rps);
+            ipt[i].push(run);
         }
-    }
-    eprintln!("bench lb: (b) weir at 100 services");
-    sh_quiet(
-        helper_bin.to_str().context("helper path")?,
-        &["remove", "--node", NODE],
-    );
-    helper(&helper_bin, &helper_args("sync", "100", &weir_reals, allow))?;
-    for _ in 0..REPS {
-        w100.push(wrk(CLIENTS[0].0, &measured_small, true, true)?);
+        if fastest > 0.0 {
+            vs_ipt_r.push(w.rps / fastest);
+        }
+        flat_r.push(w.rps / d.rps / w100_rel);
+        wbig.push(w);
+        dbig.push(d);
     }
     for f in rule_files {
         let _ = std::fs::remove_file(f);
     }
-    let (w100, wbig) = (median(w100), median(wbig));
     let mut ipt_json = serde_json::Map::new();
-    let mut fastest = 0.0f64;
     for (runs, &(label, ..)) in ipt.into_iter().zip(&variants) {
-        let m = median(runs);
-        fastest = fastest.max(m.rps);
-        ipt_json.insert(label.into(), run_json(m));
+        ipt_json.insert(label.into(), run_json(median(runs)));
     }
     drop(guard);
 
-    let vs_ipt = if fastest > 0.0 {
-        wbig.rps / fastest
-    } else {
+    let (wbig, dbig) = (median(wbig), median(dbig));
+    let vs_ipt = if vs_ipt_r.is_empty() {
         0.0
+    } else {
+        median_f(vs_ipt_r)
     };
-    let flat = wbig.rps / w100.rps;
+    let flat = median_f(flat_r);
     let hop_min = hop_ratio
         .values()
         .filter_map(Value::as_f64)
@@ -605,7 +647,11 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
         "wrk": {"threads": WRK.0, "connections": WRK.1, "seconds": WRK.2, "reps": REPS},
         "figures": {
             "hop": hop,
-            "new_conn_rate": {"weir_100": run_json(w100), format!("weir_{}", args.services): run_json(wbig)},
+            "new_conn_rate": {
+                format!("weir_{}", args.services): run_json(wbig),
+                "direct": run_json(dbig),
+                "weir_100": "figures.hop.new_connection.vip",
+            },
             "programming": {"sync_100_from_empty": small, "sync_from_empty_and_noop": full, "single_change": churn},
         },
         "baselines": {
@@ -622,7 +668,7 @@ pub(crate) fn run(args: &LbArgs) -> anyhow::Result<()> {
         "target": {
             "hop": ">= 0.97 of direct (requests/s)",
             "vs_iptables": ">= 1.5x the faster iptables variant",
-            "flat": "weir at scale within 5% of weir at 100",
+            "flat": "weir at scale within 5% of weir at 100 (each as a fraction of the direct rate next to it)",
             "single_change_p99_ms": 50,
             "full_resync_ms": 2000,
         },
@@ -674,6 +720,28 @@ fn iptables_missing(v: &[(&str, &str, &str, u8)]) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairs_alternate_their_order_and_keep_their_roles() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let run = |tag: &'static str, rps: f64| {
+            let order = &order;
+            move || {
+                order.borrow_mut().push(tag);
+                Ok(Run {
+                    rps,
+                    p99_ms: 0.0,
+                    errors: 0,
+                })
+            }
+        };
+        let (a, b) = pair(0, run("a", 1.0), run("b", 2.0)).expect("pair");
+        assert_eq!((a.rps, b.rps), (1.0, 2.0));
+        let (a, b) = pair(1, run("a", 1.0), run("b", 2.0)).expect("pair");
+        assert_eq!((a.rps, b.rps), (1.0, 2.0));
+        assert_eq!(*order.borrow(), ["a", "b", "b", "a"]);
+        assert!((median_f(vec![3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
+    }
 
     #[test]
     fn wrk_output_is_parsed() {
