@@ -33,6 +33,26 @@ pub fn table_size(backends: usize) -> u32 {
     (want..MAX_SIZE).find(|n| is_prime(*n)).unwrap_or(MAX_SIZE)
 }
 
+/// Entries per backend a kept table must still give each backend
+/// (DESIGN.md's floor), see [`next_size`].
+pub const MIN_ENTRIES_PER_BACKEND: u32 = 100;
+
+/// The size of a service's next table when its current one has `current`
+/// entries: `current` while that still gives every one of `backends` at
+/// least [`MIN_ENTRIES_PER_BACKEND`] entries (or is already [`MAX_SIZE`]),
+/// else [`table_size`]. A backend change must keep the size: a flow picks
+/// entry `hash mod M`, so a new `M` remaps almost every flow (removing 1 of
+/// 10 backends with the size going from 4001 to `table_size(9)` = 3607
+/// moved 90 % of them, against 11 % at one size).
+pub fn next_size(current: Option<u32>, backends: usize) -> u32 {
+    let floor = u64::from(MIN_ENTRIES_PER_BACKEND)
+        .saturating_mul(u64::try_from(backends).unwrap_or(u64::MAX));
+    match current {
+        Some(m) if m <= MAX_SIZE && is_prime(m) && (m == MAX_SIZE || u64::from(m) >= floor) => m,
+        _ => table_size(backends),
+    }
+}
+
 fn is_prime(n: u32) -> bool {
     n >= 2 && (2..=n.isqrt()).all(|d| !n.is_multiple_of(d))
 }
@@ -174,6 +194,20 @@ mod tests {
             assert!(max - min <= 1.0, "n={n}: min {min} max {max}");
             assert!((max - ideal).abs() <= 1.0, "n={n}: ideal {ideal}");
         }
+    }
+
+    #[test]
+    fn a_table_keeps_its_size_while_the_floor_holds() {
+        let m = table_size(10);
+        assert_eq!(next_size(None, 10), m);
+        assert_eq!(next_size(Some(m), 9), m, "a removal keeps the size");
+        assert_eq!(next_size(Some(m), 1), m, "tables never shrink");
+        assert_eq!(next_size(Some(m), 40), m, "{m} ≥ 100 × 40");
+        assert_eq!(next_size(Some(m), 41), table_size(41), "below the floor");
+        assert_eq!(next_size(Some(MAX_SIZE), 1000), MAX_SIZE);
+        assert_eq!(next_size(Some(0), 3), table_size(3), "no table");
+        assert_eq!(next_size(Some(4000), 3), table_size(3), "not a prime");
+        assert_eq!(next_size(Some(MAX_SIZE + 2), 3), table_size(3), "too large");
     }
 
     #[test]

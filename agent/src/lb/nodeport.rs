@@ -149,7 +149,13 @@ impl NodePort {
                 used.insert(id);
                 id
             };
-            let entries = self.entries(spec);
+            // The size of the table programmed now (read from the pin
+            // after a restart), which a backend change keeps.
+            let size = match written.get(&id) {
+                Some(e) => u32::try_from(e.len()).ok(),
+                None => m.tables.get(&id, 0).ok().map(|t| t.size),
+            };
+            let entries = self.entries(spec, size);
             if written.get(&id) != Some(&entries) && !table_matches(&m.tables, id, &entries) {
                 let started = Instant::now();
                 write_table(&mut m.tables, id, &entries)?;
@@ -181,8 +187,10 @@ impl NodePort {
     }
 
     /// A service's Maglev table: its ready backends (only this node's for
-    /// Local), marked remote when on another node. Empty: no backend, drop.
-    fn entries(&self, spec: &NodePortSpec) -> Vec<Backend> {
+    /// Local), marked remote when on another node, of the size of its
+    /// current table (`size`) if that still fits ([`maglev::next_size`]).
+    /// Empty: no backend, drop.
+    fn entries(&self, spec: &NodePortSpec, size: Option<u32>) -> Vec<Backend> {
         let mut bs: Vec<&NodePortBackend> = spec
             .backends
             .iter()
@@ -191,7 +199,7 @@ impl NodePort {
         bs.sort();
         bs.dedup();
         let keys: Vec<(Ipv4Addr, u16)> = bs.iter().map(|b| (b.ip, b.port)).collect();
-        let table = maglev::build(&keys, maglev::table_size(keys.len()));
+        let table = maglev::build(&keys, maglev::next_size(size, keys.len()));
         table
             .iter()
             .filter_map(|i| bs.get(*i as usize))
