@@ -172,6 +172,68 @@ fn clients(c: &ControlCluster, api: &Api) -> anyhow::Result<Vec<Client>> {
         .collect()
 }
 
+/// A raw DNS question (id 0x5157, recursion desired) of type `qtype`.
+fn raw_query(name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = vec![0x51, 0x57, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in name.split('.') {
+        q.push(u8::try_from(l.len()).unwrap_or(63));
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
+/// Asks the node's DNS server at `server` (from the host, over UDP);
+/// (rcode, answer count, authority count, the whole response).
+fn ask(server: Ipv4Addr, name: &str, qtype: u16) -> anyhow::Result<(u8, u16, u16, Vec<u8>)> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.send_to(&raw_query(name, qtype), (server, 53))?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf)?;
+    let m = buf[..n].to_vec();
+    ensure!(n >= 12 && m[..2] == [0x51, 0x57], "not our answer: {m:?}");
+    let count = |i: usize| u16::from_be_bytes([m[i], m[i + 1]]);
+    Ok((m[3] & 0x0f, count(6), count(8), m))
+}
+
+/// NXDOMAIN and NODATA answers from each node's server carry the zone's
+/// SOA (RFC 2308; the names `CoreDNS` uses, minimum 5 s); a positive answer none.
+fn negative_answers_carry_the_soa(c: &ControlCluster) -> anyhow::Result<()> {
+    for n in &c.cluster.nodes {
+        for (name, qtype, rcode) in [
+            ("nope.default.svc.cluster.local", 1, 3),
+            ("web.default.svc.cluster.local", 28, 0),
+        ] {
+            let (code, answers, authorities, m) = ask(n.ip, name, qtype)?;
+            ensure!(
+                (code, answers, authorities) == (rcode, 0, 1),
+                "{name} type {qtype} from {}: rcode {code}, {answers} answers, {authorities} authorities",
+                n.name
+            );
+            let hostmaster = b"\x0ahostmaster";
+            ensure!(
+                m.windows(hostmaster.len()).any(|w| w == hostmaster),
+                "no hostmaster SOA in {m:?}"
+            );
+            // The SOA is the last record: its last field is the minimum.
+            ensure!(
+                m.ends_with(&5u32.to_be_bytes()),
+                "SOA minimum is not 5: {m:?}"
+            );
+        }
+        let (code, answers, authorities, _) = ask(n.ip, "web.default.svc.cluster.local", 1)?;
+        ensure!(
+            (code, answers, authorities) == (0, 1, 0),
+            "web A from {}: rcode {code}, {answers} answers, {authorities} authorities",
+            n.name
+        );
+    }
+    Ok(())
+}
+
 fn cluster_ip(api: &Api, svc: &str) -> anyhow::Result<Ipv4Addr> {
     let s = wait_for(&format!("service {svc}"), Duration::from_secs(10), || {
         api.get("Service", "default", svc)
@@ -267,6 +329,8 @@ fn pods_resolve_services_by_name() -> anyhow::Result<()> {
             "outside name answered (forwarded?): {out}"
         );
     }
+
+    negative_answers_carry_the_soa(&c)?;
 
     // Answers follow the service table: a new service resolves, a deleted
     // one stops resolving, on every node.

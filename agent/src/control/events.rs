@@ -1,16 +1,32 @@
 //! Kubernetes-style Events from the agent (component `kubelet`, source.host
-//! = the node): `Created`, `Started`, `Killing`, `BackOff`, `Failed`. They
-//! are derived from the changes of a pod's status and sent through
-//! `Objects.Apply`, best effort: a lost event is logged, never retried.
+//! = the node): `Created`, `Started`, `Killing`, `BackOff`, `Failed`,
+//! derived from the changes of a pod's status, and the probes' `Unhealthy`
+//! and `Killing`. They are sent through `Objects.Apply`, best effort: a
+//! lost event is logged, never retried.
+//!
+//! A probe fails every period for as long as it fails, so its events are
+//! aggregated as client-go's event correlator does: a repeat of the same
+//! (pod, type, reason, message) bumps `count` and `lastTimestamp` of the
+//! first event object instead of making a new one, and a key is written at
+//! most once per [`REWRITE_AFTER`] (the repeats in between go out in the
+//! next write).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use weir_proto::v1;
 use weir_proto::v1::objects_client::ObjectsClient;
+
+use super::{CALL_TIMEOUT, Shared};
+use crate::pod::probe;
 
 /// The component name on the agent's events.
 pub const COMPONENT: &str = "kubelet";
@@ -135,19 +151,51 @@ pub fn killing(pod: &Pod) -> Vec<PodEventNote> {
 /// The Event object for `note` about `pod` (as control/src/events.rs
 /// builds them).
 pub fn event_json(pod: &Pod, what: &PodEventNote, node: &str) -> Value {
-    let now = SystemTime::now()
+    let now = unix_now();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let seen = Occurrences {
+        name: format!("{name}.{:x}", now.as_nanos()),
+        count: 1,
+        first: now.as_secs(),
+        last: now.as_secs(),
+    };
+    event_json_seen(pod, what, node, &seen)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let stamp = Timestamp::from_second(i64::try_from(now.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+fn stamp(unix_secs: u64) -> String {
+    Timestamp::from_second(i64::try_from(unix_secs).unwrap_or(i64::MAX))
         .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_string();
+        .to_string()
+}
+
+/// How often (and since when) one event was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occurrences {
+    /// The Event object's name (kept for every repeat).
+    pub name: String,
+    /// How many times.
+    pub count: u32,
+    /// First seen (unix seconds).
+    pub first: u64,
+    /// Last seen (unix seconds).
+    pub last: u64,
+}
+
+/// The Event object for `what` about `pod`, seen as `seen` says.
+pub fn event_json_seen(pod: &Pod, what: &PodEventNote, node: &str, seen: &Occurrences) -> Value {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     json!({
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {
-            "name": format!("{name}.{:x}", now.as_nanos()),
+            "name": seen.name,
             "namespace": namespace,
         },
         "involvedObject": {
@@ -163,9 +211,9 @@ pub fn event_json(pod: &Pod, what: &PodEventNote, node: &str) -> Value {
         "source": {"component": COMPONENT, "host": node},
         "reportingComponent": COMPONENT,
         "reportingInstance": node,
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
+        "firstTimestamp": stamp(seen.first),
+        "lastTimestamp": stamp(seen.last),
+        "count": seen.count,
     })
 }
 
@@ -191,6 +239,224 @@ pub fn send(objects: &ObjectsClient<Channel>, pod: &Pod, notes: &[PodEventNote],
             }
         }
     });
+}
+
+/// A repeated event is written at most this often (its count catches up
+/// on the next write).
+pub const REWRITE_AFTER: Duration = Duration::from_secs(10);
+/// A key not seen for this long is forgotten (its next occurrence is a new
+/// event object), as client-go's aggregation window.
+pub const FORGET_AFTER: Duration = Duration::from_mins(10);
+/// At most this many keys are remembered (the least recently seen go).
+pub const MAX_KEYS: usize = 4096;
+
+/// What makes two events the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    pod_uid: String,
+    kind: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seen: Occurrences,
+    last_seen: Instant,
+    written: Instant,
+    /// Seen since the last write.
+    dirty: bool,
+}
+
+/// One event write due: the pod, what, and how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    /// The pod's uid.
+    pub pod_uid: String,
+    /// What happened.
+    pub note: PodEventNote,
+    /// The Event object's name and counts.
+    pub seen: Occurrences,
+}
+
+/// Folds repeats of one event into count bumps of one Event object (see
+/// the module docs); pure, so the policy is testable without a control.
+#[derive(Debug, Default)]
+pub struct Aggregator {
+    entries: HashMap<Key, Entry>,
+    /// The nanoseconds in the last name handed out (names stay unique
+    /// even for events noted within one clock tick).
+    last_stamp: u128,
+}
+
+impl Aggregator {
+    /// Notes one occurrence of `note` about pod `pod_uid` (named `pod_name`)
+    /// at `now` (`unix` seconds); the write due now, if any (the first
+    /// occurrence at once, a repeat once [`REWRITE_AFTER`] has passed since
+    /// the last write, else later through [`Aggregator::due`]).
+    pub fn observe(
+        &mut self,
+        pod_uid: &str,
+        pod_name: &str,
+        note: &PodEventNote,
+        now: Instant,
+        unix: Duration,
+    ) -> Option<Due> {
+        let key = Key {
+            pod_uid: pod_uid.to_owned(),
+            kind: note.kind,
+            reason: note.reason,
+            message: note.message.clone(),
+        };
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.seen.count = e.seen.count.saturating_add(1);
+            e.seen.last = unix.as_secs();
+            e.last_seen = now;
+            e.dirty = true;
+            if now.duration_since(e.written) < REWRITE_AFTER {
+                return None;
+            }
+            e.written = now;
+            e.dirty = false;
+            return Some(due(&key, &e.seen));
+        }
+        if self.entries.len() >= MAX_KEYS {
+            self.evict_oldest();
+        }
+        self.last_stamp = unix.as_nanos().max(self.last_stamp + 1);
+        let seen = Occurrences {
+            name: format!("{pod_name}.{:x}", self.last_stamp),
+            count: 1,
+            first: unix.as_secs(),
+            last: unix.as_secs(),
+        };
+        let out = due(&key, &seen);
+        self.entries.insert(
+            key,
+            Entry {
+                seen,
+                last_seen: now,
+                written: now,
+                dirty: false,
+            },
+        );
+        Some(out)
+    }
+
+    /// The repeats whose write is due at `now`; forgets keys not seen for
+    /// [`FORGET_AFTER`] and those of pods `live` says are gone.
+    pub fn due(&mut self, now: Instant, live: impl Fn(&str) -> bool) -> Vec<Due> {
+        self.entries
+            .retain(|k, e| live(&k.pod_uid) && now.duration_since(e.last_seen) < FORGET_AFTER);
+        let mut out = Vec::new();
+        for (k, e) in &mut self.entries {
+            if e.dirty && now.duration_since(e.written) >= REWRITE_AFTER {
+                e.dirty = false;
+                e.written = now;
+                out.push(due(k, &e.seen));
+            }
+        }
+        out
+    }
+
+    /// How many keys are remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            self.entries.remove(&k);
+        }
+    }
+}
+
+fn due(key: &Key, seen: &Occurrences) -> Due {
+    Due {
+        pod_uid: key.pod_uid.clone(),
+        note: PodEventNote {
+            kind: key.kind,
+            reason: key.reason,
+            message: key.message.clone(),
+        },
+        seen: seen.clone(),
+    }
+}
+
+/// A probe note as the pod event it is.
+fn probe_event(n: &probe::Note) -> PodEventNote {
+    PodEventNote {
+        kind: if n.warning { "Warning" } else { "Normal" },
+        reason: n.reason,
+        message: n.message.clone(),
+    }
+}
+
+/// Records the pods' probe events (aggregated) until `cancel`.
+pub(crate) async fn record_probes(sh: Arc<Shared>, cancel: CancellationToken) {
+    let mut notes = sh.mgr.probe_notes();
+    let mut agg = Aggregator::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let writes = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = notes.recv() => match r {
+                Ok(n) => {
+                    let Some(pod) = pod_of(&sh, &n.pod_uid) else { continue };
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    agg.observe(&n.pod_uid, &name, &probe_event(&n), Instant::now(), unix_now())
+                        .into_iter()
+                        .collect()
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "probe events dropped: the recorder fell behind");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let d = sh.desired();
+                agg.due(Instant::now(), |uid| d.pods.contains_key(uid))
+            }
+        };
+        for w in writes {
+            if let Some(pod) = pod_of(&sh, &w.pod_uid) {
+                write(&sh, &pod, &w).await;
+            }
+        }
+    }
+}
+
+/// The control's pod of `uid`, if it is still desired.
+fn pod_of(sh: &Shared, uid: &str) -> Option<Pod> {
+    sh.desired().pods.get(uid).map(|p| p.pod.clone())
+}
+
+async fn write(sh: &Shared, pod: &Pod, w: &Due) {
+    let e = event_json_seen(pod, &w.note, sh.node(), &w.seen);
+    let req = v1::ApplyRequest {
+        manifest_json: e.to_string(),
+        field_manager: COMPONENT.to_owned(),
+    };
+    let mut client = sh.control.objects.clone();
+    match tokio::time::timeout(CALL_TIMEOUT, client.apply(req)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(s)) => {
+            tracing::debug!(reason = w.note.reason, error = %s.message(), "event not recorded");
+        }
+        Err(_) => tracing::debug!(reason = w.note.reason, "event not recorded: timed out"),
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +545,102 @@ mod tests {
         assert_eq!(e["source"]["component"], "kubelet");
         assert_eq!(e["source"]["host"], "n1");
         assert!(e["metadata"]["name"].as_str().unwrap().starts_with("web."));
+        serde_json::from_value::<k8s_openapi::api::core::v1::Event>(e).expect("an Event");
+    }
+
+    fn note(message: &str) -> PodEventNote {
+        warning("Unhealthy", message.into())
+    }
+
+    #[test]
+    fn repeats_bump_the_count_of_one_event_at_most_every_rewrite_interval() {
+        let mut a = Aggregator::default();
+        let t0 = Instant::now();
+        let unix = Duration::from_secs(1_000);
+        let live = |_: &str| true;
+        let first = a
+            .observe("u1", "web", &note("Readiness probe failed: 500"), t0, unix)
+            .expect("the first occurrence is written at once");
+        assert_eq!(first.seen.count, 1);
+        assert!(first.seen.name.starts_with("web."));
+        // Repeats within the interval wait; then one write carries them all.
+        for s in 1..=3 {
+            let t = t0 + Duration::from_secs(s);
+            let unix = unix + Duration::from_secs(s);
+            assert_eq!(
+                a.observe("u1", "web", &note("Readiness probe failed: 500"), t, unix),
+                None
+            );
+        }
+        assert!(a.due(t0 + Duration::from_secs(5), live).is_empty());
+        let later = a.due(t0 + REWRITE_AFTER, live);
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert_eq!(later[0].seen.name, first.seen.name, "the same object");
+        assert_eq!(later[0].seen.count, 4);
+        assert_eq!((later[0].seen.first, later[0].seen.last), (1_000, 1_003));
+        assert!(
+            a.due(t0 + REWRITE_AFTER * 2, live).is_empty(),
+            "nothing new"
+        );
+        // A repeat after the interval is written at once.
+        let t = t0 + REWRITE_AFTER * 3;
+        let now = a
+            .observe("u1", "web", &note("Readiness probe failed: 500"), t, unix)
+            .expect("due");
+        assert_eq!(
+            (now.seen.count, now.seen.name),
+            (5, first.seen.name.clone())
+        );
+        // Another message, type or pod is another event.
+        let other = a
+            .observe("u1", "web", &note("Readiness probe failed: 503"), t, unix)
+            .expect("new");
+        assert_ne!(other.seen.name, first.seen.name);
+        assert!(
+            a.observe("u2", "web2", &note("Readiness probe failed: 500"), t, unix)
+                .is_some()
+        );
+        let normal = PodEventNote {
+            kind: "Normal",
+            ..note("Readiness probe failed: 500")
+        };
+        assert!(a.observe("u1", "web", &normal, t, unix).is_some());
+        assert_eq!(a.len(), 4);
+        // Gone pods and stale keys are forgotten.
+        a.due(t, |uid| uid != "u2");
+        assert_eq!(a.len(), 3);
+        a.due(t + FORGET_AFTER, live);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut a = Aggregator::default();
+        let t0 = Instant::now();
+        for i in 0..=MAX_KEYS {
+            let t = t0 + Duration::from_millis(u64::try_from(i).unwrap());
+            a.observe("u1", "web", &note(&format!("m{i}")), t, Duration::ZERO);
+        }
+        assert_eq!(a.len(), MAX_KEYS);
+    }
+
+    #[test]
+    fn aggregated_events_keep_name_count_and_first_time() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("web".into());
+        pod.metadata.uid = Some("u1".into());
+        let seen = Occurrences {
+            name: "web.abc".into(),
+            count: 7,
+            first: 1_700_000_000,
+            last: 1_700_000_060,
+        };
+        let e = event_json_seen(&pod, &note("Liveness probe failed: x"), "n1", &seen);
+        assert_eq!(e["metadata"]["name"], "web.abc");
+        assert_eq!(e["count"], 7);
+        assert_eq!(e["type"], "Warning");
+        assert_eq!(e["firstTimestamp"], "2023-11-14T22:13:20Z");
+        assert_eq!(e["lastTimestamp"], "2023-11-14T22:14:20Z");
         serde_json::from_value::<k8s_openapi::api::core::v1::Event>(e).expect("an Event");
     }
 }

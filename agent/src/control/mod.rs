@@ -321,8 +321,9 @@ impl Control {
         });
         let beat = tokio::spawn(heartbeats(shared.clone(), cancel.clone()));
         let follow = tokio::spawn(watch::follow(shared.clone(), cancel.clone()));
+        let probes = tokio::spawn(events::record_probes(shared.clone(), cancel.clone()));
         let report = tokio::spawn(report::run(shared, cancel.clone()));
-        let _ = tokio::join!(beat, follow, report);
+        let _ = tokio::join!(beat, follow, probes, report);
         if let Some(t) = dns_task {
             let _ = t.await;
         }

@@ -4,20 +4,33 @@
 //! (headless: the ready endpoints' IPs), `_<port>._<proto>.<svc>.<ns>.svc.<domain>`
 //! SRV for named ports, NXDOMAIN for unknown names in the domain and
 //! REFUSED for anything outside it: nothing is forwarded off the machine.
+//!
+//! Negative answers (NXDOMAIN, and NOERROR without data) carry the zone's
+//! SOA in the authority section, as `CoreDNS` does (`ns.dns.<domain>.
+//! hostmaster.<domain>.`, minimum [`TTL`]), so resolvers cache them for
+//! that long (RFC 2308) instead of asking again at once or not at all.
 
 mod server;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use hickory_server::proto::rr::rdata::{A, SRV};
+use hickory_server::proto::rr::rdata::{A, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 
 pub use server::{ServeError, serve};
 
-/// TTL of every answer: short, so service changes show quickly.
+/// TTL of every answer: short, so service changes show quickly. Also the
+/// SOA's TTL and minimum, which bound how long a negative answer is cached.
 pub const TTL: u32 = 5;
+/// The SOA's refresh, retry and expire (`CoreDNS` values; nobody transfers
+/// this zone, but resolvers expect sane numbers).
+const SOA_REFRESH: i32 = 7200;
+const SOA_RETRY: i32 = 1800;
+const SOA_EXPIRE: i32 = 86400;
 
 /// The DNS view of one Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +72,17 @@ pub enum Answer {
 pub struct Zone {
     domain: String,
     services: RwLock<Arc<BTreeMap<(String, String), ServiceRecord>>>,
+    /// The SOA serial: the unix time of the last change (bumped by at
+    /// least one per change).
+    serial: AtomicU32,
+}
+
+fn unix_secs() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 impl Zone {
@@ -67,7 +91,25 @@ impl Zone {
         Self {
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
             services: RwLock::default(),
+            serial: AtomicU32::new(unix_secs()),
         }
+    }
+
+    /// The zone's SOA record (at the apex): `ns.dns.<domain>.
+    /// hostmaster.<domain>.`, minimum and TTL [`TTL`]; None only if the
+    /// domain is not a valid name (the server then answers without it).
+    pub fn soa(&self) -> Option<Record> {
+        let name = |prefix: &str| Name::from_ascii(format!("{prefix}{}.", self.domain)).ok();
+        let soa = SOA::new(
+            name("ns.dns.")?,
+            name("hostmaster.")?,
+            self.serial.load(Ordering::Relaxed),
+            SOA_REFRESH,
+            SOA_RETRY,
+            SOA_EXPIRE,
+            TTL,
+        );
+        Some(Record::from_rdata(name("")?, TTL, RData::SOA(soa)))
     }
 
     /// The cluster domain, lower case, without the trailing dot.
@@ -81,6 +123,12 @@ impl Zone {
             .services
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(services);
+        let now = unix_secs();
+        let _ = self
+            .serial
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(now.max(s.wrapping_add(1)))
+            });
     }
 
     fn snapshot(&self) -> Arc<BTreeMap<(String, String), ServiceRecord>> {
@@ -108,6 +156,10 @@ impl Zone {
         };
         let services = self.snapshot();
         match labels.as_slice() {
+            // The apex has the SOA.
+            [] if matches!(qtype, RecordType::SOA | RecordType::ANY) => {
+                Answer::Records(self.soa().into_iter().collect())
+            }
             // The apex and `svc.<domain>` exist (empty non-terminals).
             [] | ["svc"] => Answer::Records(Vec::new()),
             [ns, "svc"] => {
@@ -293,6 +345,31 @@ mod tests {
             z.resolve(&name("default.svc.cluster.local."), RecordType::A),
             Answer::Records(Vec::new())
         );
+    }
+
+    #[test]
+    fn the_soa_is_corednss() {
+        let z = zone();
+        let soa = z.soa().expect("a valid domain");
+        assert_eq!(soa.name, name("cluster.local."));
+        assert_eq!(soa.ttl, TTL);
+        let RData::SOA(s) = &soa.data else {
+            panic!("{soa:?}")
+        };
+        assert_eq!(s.mname, name("ns.dns.cluster.local."));
+        assert_eq!(s.rname, name("hostmaster.cluster.local."));
+        assert_eq!(s.minimum, 5);
+        // The apex answers it; a change bumps the serial.
+        let before = s.serial;
+        assert_eq!(
+            z.resolve(&name("cluster.local."), RecordType::SOA),
+            Answer::Records(vec![soa.clone()])
+        );
+        z.set(BTreeMap::new());
+        let RData::SOA(after) = z.soa().expect("soa").data else {
+            panic!("not an SOA")
+        };
+        assert!(after.serial > before, "{} then {}", before, after.serial);
     }
 
     #[test]

@@ -63,26 +63,31 @@ impl RequestHandler for Handler {
                 Answer::Records(Vec::new())
             }
         };
-        let records: Vec<Record> = match answer {
+        let (records, negative): (Vec<Record>, bool) = match answer {
             Answer::Records(r) => {
-                metadata.authoritative = metadata.response_code == ResponseCode::NoError;
-                r
+                let ok = metadata.response_code == ResponseCode::NoError;
+                metadata.authoritative = ok;
+                // NODATA: the name exists, the type does not.
+                let nodata = ok && r.is_empty();
+                (r, nodata)
             }
             Answer::NxDomain => {
                 metadata.authoritative = true;
                 metadata.response_code = ResponseCode::NXDomain;
-                Vec::new()
+                (Vec::new(), true)
             }
             Answer::Refused => {
                 metadata.response_code = ResponseCode::Refused;
-                Vec::new()
+                (Vec::new(), false)
             }
         };
+        // RFC 2308: a negative answer carries the SOA, so it can be cached.
+        let soa = negative.then(|| self.zone.soa()).flatten();
         let response = builder.build(
             metadata,
             records.iter(),
             std::iter::empty(),
-            std::iter::empty(),
+            soa.iter(),
             std::iter::empty(),
         );
         match response_handle.send_response(response).await {
@@ -144,17 +149,26 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
+    use hickory_server::proto::op::Message;
+    use hickory_server::proto::rr::rdata::SOA;
+    use hickory_server::proto::rr::{Name, RData};
+
     use super::*;
     use crate::dns::ServiceRecord;
 
     /// A raw A query for `name` with id 0x1234.
     fn query(name: &str, tcp: bool) -> Vec<u8> {
+        query_type(name, 1, tcp)
+    }
+
+    /// A raw query of type `qtype` for `name` with id 0x1234.
+    fn query_type(name: &str, qtype: u8, tcp: bool) -> Vec<u8> {
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         for l in name.split('.') {
             q.push(u8::try_from(l.len()).unwrap());
             q.extend_from_slice(l.as_bytes());
         }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q.extend_from_slice(&[0, 0, qtype, 0, 1]);
         if tcp {
             let mut framed = u16::try_from(q.len()).unwrap().to_be_bytes().to_vec();
             framed.extend(q);
@@ -219,6 +233,89 @@ mod tests {
         let mut msg = vec![0u8; usize::from(len)];
         t.read_exact(&mut msg).await.unwrap();
         assert_eq!(msg[3] & 0x0f, 3, "NXDOMAIN");
+
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// The SOA records in the authority section of a response.
+    fn authority_soas(m: &Message) -> Vec<(Name, u32, SOA)> {
+        m.authorities
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SOA(s) => Some((r.name.clone(), r.ttl, s.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn negative_answers_carry_the_zones_soa() {
+        let zone = Arc::new(Zone::new("cluster.local"));
+        zone.set(BTreeMap::from([(
+            ("default".to_owned(), "web".to_owned()),
+            ServiceRecord {
+                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 20)),
+                endpoints: Vec::new(),
+                ports: Vec::new(),
+            },
+        )]));
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(addr, zone, cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ask = async |name: &str, qtype: u8| {
+            c.send_to(&query_type(name, qtype, false), addr)
+                .await
+                .unwrap();
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            Message::from_vec(&buf[..n]).expect("a DNS message")
+        };
+        let apex = Name::from_ascii("cluster.local.").unwrap();
+        // NXDOMAIN and NODATA (an AAAA question for a service): the SOA.
+        for (name, qtype, code) in [
+            ("nope.default.svc.cluster.local", 1, ResponseCode::NXDomain),
+            ("web.default.svc.cluster.local", 28, ResponseCode::NoError),
+            ("svc.cluster.local", 1, ResponseCode::NoError),
+        ] {
+            let m = ask(name, qtype).await;
+            assert_eq!(m.metadata.response_code, code, "{name}");
+            assert!(m.metadata.authoritative, "{name}");
+            assert!(m.answers.is_empty(), "{name}: {:?}", m.answers);
+            let soas = authority_soas(&m);
+            assert_eq!(soas.len(), 1, "{name}: {:?}", m.authorities);
+            let (owner, ttl, soa) = &soas[0];
+            assert_eq!(owner, &apex);
+            assert_eq!((*ttl, soa.minimum), (crate::dns::TTL, crate::dns::TTL));
+            assert_eq!(
+                soa.mname,
+                Name::from_ascii("ns.dns.cluster.local.").unwrap()
+            );
+            assert_eq!(
+                soa.rname,
+                Name::from_ascii("hostmaster.cluster.local.").unwrap()
+            );
+        }
+        // A positive answer and a refusal: no SOA.
+        let m = ask("web.default.svc.cluster.local", 1).await;
+        assert_eq!(m.answers.len(), 1);
+        assert!(authority_soas(&m).is_empty(), "{:?}", m.authorities);
+        let m = ask("example.com", 1).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(m.authorities.is_empty(), "{:?}", m.authorities);
+        // The apex answers its SOA (type 6) in the answer section.
+        let m = ask("cluster.local", 6).await;
+        assert!(matches!(
+            m.answers.first().map(|r| &r.data),
+            Some(RData::SOA(_))
+        ));
 
         cancel.cancel();
         task.await.unwrap().unwrap();

@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     /// The socket load balancer (control mode): told about each pod's
     /// network namespace so its sockets are balanced.
     lb: OnceLock<Arc<crate::lb::Dataplane>>,
+    /// Probe events (`Unhealthy`, `Killing`), for whoever records events.
+    notes: tokio::sync::broadcast::Sender<probe::Note>,
 }
 
 impl Shared {
@@ -141,6 +143,10 @@ impl Shared {
         }
     }
 }
+
+/// Probe events a slow recorder may fall behind by before the oldest are
+/// dropped.
+const NOTES_BACKLOG: usize = 1024;
 
 /// Pods that may run a start step (network, containers) at the same time.
 pub const CONCURRENT_STEPS: usize = 16;
@@ -180,6 +186,7 @@ impl Manager {
             steps: tokio::sync::Semaphore::new(CONCURRENT_STEPS),
             changes: tokio::sync::watch::Sender::new(0),
             lb: OnceLock::new(),
+            notes: tokio::sync::broadcast::Sender::new(NOTES_BACKLOG),
         }))
     }
 
@@ -247,6 +254,11 @@ impl Manager {
     /// pod's worker ends.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.changes.subscribe()
+    }
+
+    /// The probe events (`Unhealthy`, `Killing`) of every pod from now on.
+    pub fn probe_notes(&self) -> tokio::sync::broadcast::Receiver<probe::Note> {
+        self.0.notes.subscribe()
     }
 
     /// Traffic counters and cgroup of each pod, for metrics.

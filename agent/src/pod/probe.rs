@@ -9,6 +9,12 @@
 //! namespace (the node's, which routes to every local pod); exec runs the
 //! command in the container through containerd (exit status 0 is success).
 //!
+//! Every failed attempt is a kubelet `Unhealthy` event ("Readiness probe
+//! failed: HTTP probe failed with statuscode: 500"), and a liveness or
+//! startup failure that kills the container a `Killing` one ("Container web
+//! failed liveness probe, will be restarted"); they go out as [`Note`]s to
+//! whoever records events (control mode), which de-duplicates repeats.
+//!
 //! The probes of one container run consists of one task, owned by the pod's
 //! worker through an [`AbortOnDrop`]: it ends when the container stops, the
 //! pod stops or the worker ends. Results are held in memory only, as
@@ -16,7 +22,7 @@
 //! (not ready until its readiness probe succeeds again, the startup probe
 //! runs again).
 
-use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
+use std::{fmt::Write as _, io, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Container, Probe},
@@ -25,7 +31,7 @@ use k8s_openapi::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    sync::mpsc,
+    sync::{broadcast, mpsc},
     time::Instant,
 };
 
@@ -52,6 +58,71 @@ impl Kind {
             Self::Readiness => "Readiness",
             Self::Startup => "Startup",
         }
+    }
+
+    /// `liveness`, `readiness`, `startup` (mid-sentence).
+    pub fn lower(self) -> &'static str {
+        match self {
+            Self::Liveness => "liveness",
+            Self::Readiness => "readiness",
+            Self::Startup => "startup",
+        }
+    }
+}
+
+/// An event a probe calls for, about a pod (kubelet's `Unhealthy` and
+/// `Killing`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// The pod's uid.
+    pub pod_uid: String,
+    /// `Warning` (`Unhealthy`) or `Normal` (`Killing`).
+    pub warning: bool,
+    /// `Unhealthy` or `Killing`.
+    pub reason: &'static str,
+    /// kubelet's message.
+    pub message: String,
+}
+
+impl Note {
+    /// `Unhealthy`: "Readiness probe failed: <why>".
+    pub fn unhealthy(pod_uid: &str, kind: Kind, why: &str) -> Self {
+        Self {
+            pod_uid: pod_uid.to_owned(),
+            warning: true,
+            reason: "Unhealthy",
+            message: format!("{} probe failed: {why}", kind.name()),
+        }
+    }
+
+    /// `Killing`: "Container web failed liveness probe, will be restarted".
+    pub fn killing(pod_uid: &str, container: &str, kind: Kind) -> Self {
+        Self {
+            pod_uid: pod_uid.to_owned(),
+            warning: false,
+            reason: "Killing",
+            message: format!(
+                "Container {container} failed {} probe, will be restarted",
+                kind.lower()
+            ),
+        }
+    }
+}
+
+/// Where the probe events of one pod go: the node's event sink (lossy: a
+/// note nobody takes in time is dropped, events are best effort).
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    /// The node's sink.
+    pub sink: broadcast::Sender<Note>,
+    /// The pod the probes belong to.
+    pub pod_uid: String,
+}
+
+impl Recorder {
+    fn note(&self, note: Note) {
+        // No receiver (standalone) is fine: nobody records events there.
+        let _ = self.sink.send(note);
     }
 }
 
@@ -286,8 +357,47 @@ pub struct Target {
 pub async fn attempt(target: &Target, spec: &Spec) -> Result<(), String> {
     match tokio::time::timeout(spec.timeout, attempt_unbounded(target, spec)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("timeout after {}s", spec.timeout.as_secs())),
+        Err(_) => Err(timeout_message(target.ip, spec)),
     }
+}
+
+/// Why an attempt that ran out of time failed, worded as kubelet's.
+fn timeout_message(ip: Ipv4Addr, spec: &Spec) -> String {
+    match &spec.handler {
+        Handler::Http { port, path, .. } => format!(
+            "Get \"http://{ip}:{port}{path}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+        ),
+        Handler::Tcp { port } => format!("dial tcp {ip}:{port}: i/o timeout"),
+        Handler::Exec { command } => format!(
+            "command {:?} timed out after {}s",
+            command.join(" "),
+            spec.timeout.as_secs()
+        ),
+    }
+}
+
+/// A connect error as Go's net package words it (kubelet's messages are
+/// Go's): "connect: connection refused".
+fn dial_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connect: connection refused".into(),
+        io::ErrorKind::HostUnreachable => "connect: no route to host".into(),
+        io::ErrorKind::NetworkUnreachable => "connect: network is unreachable".into(),
+        io::ErrorKind::TimedOut => "i/o timeout".into(),
+        _ => io_error(e),
+    }
+}
+
+/// An I/O error without Rust's " (os error N)" tail, lower-case as Go's.
+fn io_error(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = text
+        .split_once(" (os error")
+        .map_or(text.as_str(), |(head, _)| head);
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map_or_else(String::new, |c| c.to_lowercase().chain(chars).collect())
 }
 
 async fn attempt_unbounded(target: &Target, spec: &Spec) -> Result<(), String> {
@@ -295,7 +405,7 @@ async fn attempt_unbounded(target: &Target, spec: &Spec) -> Result<(), String> {
         Handler::Tcp { port } => TcpStream::connect((target.ip, *port))
             .await
             .map(drop)
-            .map_err(|e| format!("dial tcp {}:{port}: {e}", target.ip)),
+            .map_err(|e| format!("dial tcp {}:{port}: {}", target.ip, dial_error(&e))),
         Handler::Http {
             port,
             path,
@@ -308,11 +418,11 @@ async fn attempt_unbounded(target: &Target, spec: &Spec) -> Result<(), String> {
                 .await
             {
                 Ok(Some(0)) => Ok(()),
-                Ok(Some(code)) => Err(format!("command {command:?} exited with {code}")),
-                Ok(None) => Err(format!(
-                    "command {command:?} timed out after {}s",
-                    spec.timeout.as_secs()
+                Ok(Some(code)) => Err(format!(
+                    "command {:?} exited with {code}",
+                    command.join(" ")
                 )),
+                Ok(None) => Err(timeout_message(target.ip, spec)),
                 Err(e) => Err(e.to_string()),
             }
         }
@@ -329,7 +439,7 @@ async fn http_get(
     let url = format!("http://{ip}:{port}{path}");
     let mut s = TcpStream::connect((ip, port))
         .await
-        .map_err(|e| format!("Get \"{url}\": dial tcp {ip}:{port}: {e}"))?;
+        .map_err(|e| format!("Get \"{url}\": dial tcp {ip}:{port}: {}", dial_error(&e)))?;
     let mut req = format!("GET {path} HTTP/1.1\r\n");
     let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
     if !has("host") {
@@ -347,18 +457,21 @@ async fn http_get(
     req.push_str("Connection: close\r\n\r\n");
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+        .map_err(|e| format!("Get \"{url}\": {}", io_error(&e)))?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.contains(&b'\n') && buf.len() < 4096 {
         let n = s
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("Get \"{url}\": {e}"))?;
+            .map_err(|e| format!("Get \"{url}\": {}", io_error(&e)))?;
         if n == 0 {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    if buf.is_empty() {
+        return Err(format!("Get \"{url}\": EOF"));
     }
     let code =
         status_code(&buf).ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))?;
@@ -381,12 +494,14 @@ pub fn status_code(response: &[u8]) -> Option<u16> {
 }
 
 /// The probe task of one container run. `since` is when the container
-/// started (initial delays count from it).
+/// started (initial delays count from it). `report` tells the worker;
+/// `failed` hears every failed attempt (for the `Unhealthy` events).
 pub async fn run(
     target: Target,
     set: Set,
     since: Instant,
     report: impl Fn(Event) -> bool + Send + Sync,
+    failed: impl Fn(Kind, &str) + Send + Sync,
 ) {
     if let Some(spec) = &set.startup {
         let mut t = Threshold::new(false, 1, spec.failure_threshold);
@@ -394,13 +509,15 @@ pub async fn run(
         loop {
             let started = Instant::now();
             let r = attempt(&target, spec).await;
-            let failure = r.as_ref().err().cloned();
-            match t.record(r.is_ok()) {
-                Some(true) => break,
-                _ if failure.is_some() && t.run >= t.failures => {
+            if let Err(why) = &r {
+                failed(Kind::Startup, why);
+            }
+            match (t.record(r.is_ok()), r) {
+                (Some(true), _) => break,
+                (_, Err(message)) if t.run >= t.failures => {
                     report(Event::Unhealthy {
                         kind: Kind::Startup,
-                        message: failure.unwrap_or_default(),
+                        message,
                     });
                     return;
                 }
@@ -421,6 +538,9 @@ pub async fn run(
         loop {
             let started = Instant::now();
             let r = attempt(&target, spec).await;
+            if let Err(why) = &r {
+                failed(Kind::Liveness, why);
+            }
             if let (Some(false), Err(message)) = (t.record(r.is_ok()), r) {
                 report(Event::Unhealthy {
                     kind: Kind::Liveness,
@@ -441,8 +561,9 @@ pub async fn run(
             let started = Instant::now();
             let r = attempt(&target, spec).await;
             let flipped = t.record(r.is_ok());
-            if let Err(message) = r {
-                tracing::debug!(container = %target.container_id, %message, "Readiness probe failed");
+            if let Err(why) = &r {
+                tracing::debug!(container = %target.container_id, %why, "Readiness probe failed");
+                failed(Kind::Readiness, why);
             }
             if let Some(ready) = flipped
                 && !report(Event::Ready(ready))
@@ -460,7 +581,8 @@ pub async fn run(
 }
 
 /// Starts the probe task of one container run; reports go to the worker
-/// behind `tx` (a weak sender: the task never keeps a worker's channel open).
+/// behind `tx` (a weak sender: the task never keeps a worker's channel
+/// open), events to `events`.
 pub(super) fn spawn(
     tx: mpsc::WeakUnboundedSender<Msg>,
     container: String,
@@ -468,8 +590,13 @@ pub(super) fn spawn(
     target: Target,
     set: Set,
     since: Instant,
+    events: Recorder,
 ) -> AbortOnDrop {
-    let task = tokio::spawn(run(target, set, since, move |event| {
+    let failures = events.clone();
+    let report = move |event: Event| {
+        if let Event::Unhealthy { kind, .. } = &event {
+            events.note(Note::killing(&events.pod_uid, &container, *kind));
+        }
         tx.upgrade().is_some_and(|tx| {
             tx.send(Msg::Probe(Report {
                 container: container.clone(),
@@ -478,7 +605,11 @@ pub(super) fn spawn(
             }))
             .is_ok()
         })
-    }));
+    };
+    let failed = move |kind: Kind, why: &str| {
+        failures.note(Note::unhealthy(&failures.pod_uid, kind, why));
+    };
+    let task = tokio::spawn(run(target, set, since, report, failed));
     AbortOnDrop(task.abort_handle())
 }
 
@@ -630,6 +761,103 @@ mod tests {
         assert!(
             TcpStream::connect((ip, closed)).await.is_err(),
             "the closed port is closed"
+        );
+    }
+
+    #[test]
+    fn event_messages_are_kubelets() {
+        let n = Note::unhealthy(
+            "u1",
+            Kind::Readiness,
+            "HTTP probe failed with statuscode: 500",
+        );
+        assert_eq!(
+            (n.reason, n.warning, n.message.as_str()),
+            (
+                "Unhealthy",
+                true,
+                "Readiness probe failed: HTTP probe failed with statuscode: 500"
+            )
+        );
+        assert_eq!(n.pod_uid, "u1");
+        let n = Note::unhealthy("u1", Kind::Startup, "x");
+        assert_eq!(n.message, "Startup probe failed: x");
+        let k = Note::killing("u1", "web", Kind::Liveness);
+        assert_eq!(
+            (k.reason, k.warning, k.message.as_str()),
+            (
+                "Killing",
+                false,
+                "Container web failed liveness probe, will be restarted"
+            )
+        );
+        assert_eq!(
+            Note::killing("u1", "web", Kind::Startup).message,
+            "Container web failed startup probe, will be restarted"
+        );
+    }
+
+    #[test]
+    fn errors_are_worded_as_gos() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(dial_error(&refused), "connect: connection refused");
+        let os = io::Error::from_raw_os_error(111);
+        assert_eq!(dial_error(&os), "connect: connection refused");
+        let other = io::Error::from_raw_os_error(1);
+        assert_eq!(io_error(&other), "operation not permitted");
+        let ip = Ipv4Addr::new(10, 244, 1, 5);
+        let mut spec = Spec {
+            handler: Handler::Tcp { port: 8080 },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 1,
+        };
+        assert_eq!(
+            timeout_message(ip, &spec),
+            "dial tcp 10.244.1.5:8080: i/o timeout"
+        );
+        spec.handler = Handler::Http {
+            port: 8080,
+            path: "/healthz".into(),
+            headers: vec![],
+        };
+        assert!(
+            timeout_message(ip, &spec)
+                .starts_with("Get \"http://10.244.1.5:8080/healthz\": context deadline exceeded")
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_worded_as_kubelets() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+                    .await;
+            }
+        });
+        let ip = Ipv4Addr::LOCALHOST;
+        assert_eq!(
+            http_get(ip, port, "/", &[]).await,
+            Err("HTTP probe failed with statuscode: 500".to_owned())
+        );
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        assert_eq!(
+            http_get(ip, closed, "/healthz", &[]).await,
+            Err(format!(
+                "Get \"http://127.0.0.1:{closed}/healthz\": dial tcp 127.0.0.1:{closed}: connect: connection refused"
+            ))
         );
     }
 }

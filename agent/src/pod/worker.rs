@@ -740,6 +740,10 @@ impl Worker {
                     target,
                     set,
                     since,
+                    probe::Recorder {
+                        sink: self.sh.notes.clone(),
+                        pod_uid: self.rec.uid.clone(),
+                    },
                 ))
             }
             _ => None,

@@ -9,10 +9,19 @@
 //! otherwise) cannot share it: the slice lists the largest group of pods
 //! that agree, and the others are left out, as Kubernetes leaves a pod
 //! lacking the name out of that port. The slice is owned by the Service
-//! (deleted with it by the API's cascade).
+//! (deleted with it by the API's cascade). Only IPv4 pod addresses are
+//! listed (the slice's addressType).
+//!
+//! Events on the Service (as Kubernetes' endpointslice controller records
+//! them): Warning `FailedToUpdateEndpointSlices` when writing the slice
+//! fails (the write is retried with backoff), and Warning
+//! `EndpointsOverCapacity` once when the selector picks more pods than one
+//! slice holds ([`weir_proto::manifest::MAX_ENDPOINTS`]; the rest are left
+//! out), again only after the Service was back under the limit.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
@@ -25,6 +34,8 @@ use super::cache::{self, Change};
 use super::client::Error;
 use super::queue::WorkQueue;
 use super::{Action, Ctx, changed, drive, forward, forward_own, meta, queue_all};
+use crate::api::Kind;
+use crate::events::EventType;
 use crate::store::Store;
 
 /// The event source and field manager of this controller.
@@ -35,6 +46,31 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// This controller's value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "endpointslice-controller.weir";
+/// The event reason of a failed slice write.
+pub const FAILED_UPDATE: &str = "FailedToUpdateEndpointSlices";
+/// The event reason of a Service selecting more pods than a slice holds.
+pub const OVER_CAPACITY: &str = "EndpointsOverCapacity";
+
+/// The Services warned about being over capacity (key → how many pods were
+/// left out then), so the warning is not repeated on every reconcile.
+#[derive(Debug, Default)]
+struct Warned(Mutex<HashMap<String, usize>>);
+
+impl Warned {
+    /// Notes that `key` leaves out `over` pods for capacity; true if that
+    /// calls for a warning (it was under the limit before).
+    fn over(&self, key: &str, over: usize) -> bool {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if over == 0 {
+            m.remove(key);
+            return false;
+        }
+        m.insert(key.to_owned(), over).is_none()
+    }
+}
 
 /// Starts the controller: its queue feeders and its worker.
 pub(crate) fn start<S: Store>(
@@ -79,8 +115,10 @@ pub(crate) fn start<S: Store>(
         },
     );
     queue_all(&ctx.services, &queue);
-    let worker = drive(COMPONENT, ctx, queue, shutdown, |ctx, key| async move {
-        reconcile(&ctx, &key).await
+    let warned = Arc::new(Warned::default());
+    let worker = drive(COMPONENT, ctx, queue, shutdown, move |ctx, key| {
+        let warned = Arc::clone(&warned);
+        async move { reconcile(&ctx, &warned, &key).await }
     });
     vec![from_services, from_pods, from_slices, worker]
 }
@@ -109,12 +147,14 @@ pub fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// Writes the slice one Service should have, if it differs from the cached one.
-async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
+async fn reconcile<S: Store>(ctx: &Ctx<S>, warned: &Warned, key: &str) -> Result<Action, Error> {
     let Some(svc) = ctx.services.get(key) else {
         // Its slice goes with it (ownerReferences cascade).
+        warned.over(key, 0);
         return Ok(Action::Done);
     };
     if svc.metadata.deletion_timestamp.is_some() || selector(&svc).is_none() {
+        warned.over(key, 0);
         return Ok(Action::Done);
     }
     let existing = ctx.endpoint_slices.get(key);
@@ -127,16 +167,51 @@ async fn reconcile<S: Store>(ctx: &Ctx<S>, key: &str) -> Result<Action, Error> {
     }
     let pods = ctx.pods.list_namespace(meta::namespace(&svc.metadata));
     let (desired, left_out) = desired_slice(&svc, &pods);
-    if left_out > 0 {
-        tracing::warn!(%key, left_out, "endpoints: pods left out of the service's slice");
+    if left_out.ports > 0 {
+        tracing::warn!(%key, left_out = left_out.ports, "endpoints: pods resolving the ports differently left out of the service's slice");
+    }
+    if warned.over(key, left_out.capacity) {
+        tracing::warn!(%key, left_out = left_out.capacity, "endpoints: more pods than a slice holds");
+        let message = over_capacity_message(key, &left_out);
+        event(ctx, &svc, OVER_CAPACITY, &message).await;
     }
     if existing.as_deref().is_some_and(|e| same_slice(e, &desired)) {
         return Ok(Action::Done);
     }
-    ctx.client
+    if let Err(e) = ctx
+        .client
         .apply(&ctx.endpoint_slices, "write", &desired, COMPONENT)
-        .await?;
+        .await
+    {
+        let message = format!("Error updating Endpoint Slices for Service {key}: {e}");
+        event(ctx, &svc, FAILED_UPDATE, &message).await;
+        return Err(e);
+    }
     Ok(Action::Done)
+}
+
+/// The over-capacity warning's message.
+fn over_capacity_message(key: &str, left_out: &LeftOut) -> String {
+    let max = weir_proto::manifest::MAX_ENDPOINTS;
+    format!(
+        "Service {key} selects {} pods; its EndpointSlice holds at most {max} endpoints, {} are left out",
+        left_out.listed + left_out.capacity,
+        left_out.capacity
+    )
+}
+
+/// Records a Warning about the Service.
+async fn event<S: Store>(ctx: &Ctx<S>, svc: &Service, reason: &str, message: &str) {
+    ctx.client
+        .event(
+            Kind::Service,
+            &svc.metadata,
+            EventType::Warning,
+            reason,
+            message,
+            COMPONENT,
+        )
+        .await;
 }
 
 /// Whether two slices say the same (labels, owner, endpoints, ports).
@@ -183,12 +258,13 @@ fn named_port(pod: &Pod, name: &str, protocol: &str) -> Option<i32> {
         .map(|p| p.container_port)
 }
 
+/// The pod's IPv4 address (the slice's address type), if it has one.
 fn pod_ip(pod: &Pod) -> Option<&str> {
     pod.status
         .as_ref()?
         .pod_ip
         .as_deref()
-        .filter(|ip| !ip.is_empty())
+        .filter(|ip| ip.parse::<Ipv4Addr>().is_ok())
 }
 
 fn terminal(pod: &Pod) -> bool {
@@ -223,10 +299,20 @@ fn endpoint(pod: &Pod, ip: &str, publish_not_ready: bool) -> Endpoint {
     }
 }
 
-/// The slice `svc` should have given the pods of its namespace, and how
-/// many selected pods with an IP were left out (ports they resolve
-/// differently, or past [`weir_proto::manifest::MAX_ENDPOINTS`]).
-pub fn desired_slice(svc: &Service, pods: &[Arc<Pod>]) -> (EndpointSlice, usize) {
+/// How many selected pods with an IP a slice lists and leaves out, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    /// Listed.
+    pub listed: usize,
+    /// Left out: they resolve the ports otherwise than the listed ones.
+    pub ports: usize,
+    /// Left out: past [`weir_proto::manifest::MAX_ENDPOINTS`].
+    pub capacity: usize,
+}
+
+/// The slice `svc` should have given the pods of its namespace, and which
+/// selected pods with an IP were left out.
+pub fn desired_slice(svc: &Service, pods: &[Arc<Pod>]) -> (EndpointSlice, LeftOut) {
     let spec = svc.spec.clone().unwrap_or_default();
     let ports = spec.ports.unwrap_or_default();
     let publish = spec.publish_not_ready_addresses.unwrap_or(false);
@@ -255,9 +341,12 @@ pub fn desired_slice(svc: &Service, pods: &[Arc<Pod>]) -> (EndpointSlice, usize)
         Some(i) => groups.swap_remove(i),
         None => (resolve_ports(&ports, &Pod::default()), Vec::new()),
     };
-    let mut left_out = selected.len() - members.len();
     let max = weir_proto::manifest::MAX_ENDPOINTS;
-    left_out += members.len().saturating_sub(max);
+    let left_out = LeftOut {
+        listed: members.len().min(max),
+        ports: selected.len() - members.len(),
+        capacity: members.len().saturating_sub(max),
+    };
     let endpoints: Vec<Endpoint> = members
         .iter()
         .take(max)
