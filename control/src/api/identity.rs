@@ -266,7 +266,10 @@ impl<S: Store> ObjectsApi<S> {
         let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
         let mut sweep = IdentitySweep::default();
         for kv in &index {
-            let record: IndexRecord = decode(kv)?;
+            let Ok(record) = decode::<IndexRecord>(kv) else {
+                tracing::warn!(key = %kv.key, "corrupt identity index record: left alone");
+                continue;
+            };
             let since = record
                 .retiring_since
                 .as_deref()

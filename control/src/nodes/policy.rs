@@ -171,7 +171,7 @@ fn identity_change(ev: &Event) -> Option<v1::IdentityEvent> {
     Some(identity_event(kind, &now))
 }
 
-/// One ipcache entry: a pod's address and who it is.
+/// One ipcache entry: a pod's address, who it is, and its named ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The pod's IP.
@@ -184,6 +184,8 @@ pub struct Entry {
     pub pod: String,
     /// Its node.
     pub node: String,
+    /// Its named container ports: (name, port, protocol).
+    pub named_ports: Vec<(String, u32, String)>,
 }
 
 impl Entry {
@@ -195,6 +197,15 @@ impl Entry {
             namespace: self.namespace.clone(),
             pod_name: self.pod.clone(),
             node_name: self.node.clone(),
+            named_ports: self
+                .named_ports
+                .iter()
+                .map(|(name, port, protocol)| v1::NamedPort {
+                    name: name.clone(),
+                    port: *port,
+                    protocol: protocol.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -219,7 +230,25 @@ pub fn entry(pod: &Value) -> Option<Entry> {
         namespace: text("/metadata/namespace").to_owned(),
         pod: text("/metadata/name").to_owned(),
         node: node_name(pod).to_owned(),
+        named_ports: named_ports(pod),
     })
+}
+
+/// The named ports of a pod's containers, in spec order.
+fn named_ports(pod: &Value) -> Vec<(String, u32, String)> {
+    let containers = pod.pointer("/spec/containers").and_then(Value::as_array);
+    containers
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("ports")?.as_array())
+        .flatten()
+        .filter_map(|p| {
+            let name = p.get("name")?.as_str().filter(|n| !n.is_empty())?;
+            let port = u32::try_from(p.get("containerPort")?.as_u64()?).ok()?;
+            let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            Some((name.to_owned(), port, protocol.to_owned()))
+        })
+        .collect()
 }
 
 /// The ipcache events of a store event on a pod key: ADDED when a pod gets
@@ -263,7 +292,9 @@ mod tests {
     fn pod(ip: Option<&str>, identity: Option<&str>, phase: &str) -> Value {
         let mut p = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox",
+                "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9090},
+                          {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]},
             "status": {"phase": phase}});
         if let Some(ip) = ip {
             p["status"]["podIP"] = json!(ip);
@@ -306,6 +337,12 @@ mod tests {
             ),
             ("shop", "web", "n1")
         );
+        let ports: Vec<(&str, u32, &str)> = e[0]
+            .named_ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.protocol.as_str()))
+            .collect();
+        assert_eq!(ports, [("http", 8080, "TCP"), ("dns", 53, "UDP")]);
         // A status write that changes neither: nothing.
         let mut ready = running.clone();
         ready["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);

@@ -352,7 +352,7 @@ pub struct IdentityEvent {
 /// IP address belongs to. A pod has an entry while it has `status.podIP`,
 /// an identity, and is not Succeeded or Failed.
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct IpCacheEvent {
     /// ADDED, MODIFIED (the identity changed) or DELETED. A DELETED entry is
     /// only to be removed if it still names this pod: the IP may already
@@ -374,6 +374,24 @@ pub struct IpCacheEvent {
     /// The node the pod runs on.
     #[prost(string, tag = "6")]
     pub node_name: ::prost::alloc::string::String,
+    /// The pod's named container ports, which policy rules may name (an
+    /// egress rule's named port is the destination pod's).
+    #[prost(message, repeated, tag = "7")]
+    pub named_ports: ::prost::alloc::vec::Vec<NamedPort>,
+}
+/// A named container port of a pod.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NamedPort {
+    /// The port's name (`spec.containers\[\].ports\[\].name`).
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// The container port number.
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    /// `TCP`, `UDP` or `SCTP`.
+    #[prost(string, tag = "3")]
+    pub protocol: ::prost::alloc::string::String,
 }
 /// A change to a namespace as network policies see it: its labels.
 #[allow(clippy::all)]
