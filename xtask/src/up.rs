@@ -435,12 +435,7 @@ pub fn down() {
     // shared parents, once no other node (a test's) has entries in them.
     let _ = std::fs::remove_dir_all(CONTAINERD_DIR);
     let _ = std::fs::remove_dir_all(CONTAINERD_ROOT);
-    for dir in [
-        "/sys/fs/bpf/weir",
-        "/run/weir/netns",
-        RUN_DIR,
-        "/var/lib/weir",
-    ] {
+    for dir in ["/sys/fs/bpf/weir", "/run/weir/netns", RUN_DIR, "/var/lib/weir"] {
         let _ = std::fs::remove_dir(dir);
     }
     eprintln!("weir is down");
