@@ -1,6 +1,6 @@
 //! Manifest parsing and validation: Kubernetes-shaped YAML in, validated
 //! k8s-openapi objects out (Pod, `ReplicaSet`, Deployment, `DaemonSet`, Node,
-//! Event).
+//! Event, Service, `EndpointSlice`, `NetworkPolicy`).
 //!
 //! A document goes through three steps. The raw JSON is walked against its
 //! kind's field table (rendered for the README by [`field_table_markdown`]):
@@ -15,6 +15,8 @@ mod apps;
 mod check;
 mod fields;
 mod names;
+mod netpol;
+mod netpol_fields;
 mod node;
 mod pod;
 mod quantity;
@@ -26,6 +28,7 @@ mod walk;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -245,6 +248,25 @@ pub fn validate_endpoint_slice(
     )
 }
 
+/// Validate a `networking.k8s.io/v1` `NetworkPolicy` as the apiserver
+/// does (selectors, CIDRs and their `except`s, protocols, ports and port
+/// ranges, policy types) and apply its defaulting: port protocol `TCP`, and
+/// `policyTypes` `[Ingress]`, plus `Egress` if there are egress rules. SCTP
+/// is refused (weir's dataplane handles TCP and UDP); an IPv6 `ipBlock` or
+/// a CIDR with host bits set is accepted with a warning.
+pub fn validate_network_policy(
+    source: &str,
+    doc: &Value,
+) -> Result<Valid<NetworkPolicy>, ManifestError> {
+    validate_with(
+        source,
+        doc,
+        &netpol_fields::NETWORK_POLICY,
+        "networking.k8s.io/v1",
+        netpol::network_policy,
+    )
+}
+
 fn validate_with<T: DeserializeOwned>(
     source: &str,
     doc: &Value,
@@ -388,6 +410,8 @@ pub fn field_table_markdown() -> String {
     out
 }
 
+#[cfg(test)]
+mod netpol_tests;
 #[cfg(test)]
 mod service_tests;
 #[cfg(test)]

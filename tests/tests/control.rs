@@ -1189,3 +1189,148 @@ fn write(env: &Env, name: &str, yaml: &str) -> anyhow::Result<String> {
     std::fs::write(&path, yaml)?;
     Ok(path.display().to_string())
 }
+
+/// The Kubernetes documentation's first `NetworkPolicy` example and its
+/// default deny, in one file.
+const NETPOLS: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: test-network-policy
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      role: db
+  policyTypes:
+  - Ingress
+  - Egress
+  ingress:
+  - from:
+    - ipBlock:
+        cidr: 172.17.0.0/16
+        except:
+        - 172.17.1.0/24
+    - namespaceSelector:
+        matchLabels:
+          project: myproject
+    - podSelector:
+        matchLabels:
+          role: frontend
+    ports:
+    - protocol: TCP
+      port: 6379
+  egress:
+  - to:
+    - ipBlock:
+        cidr: 10.0.0.0/24
+    ports:
+    - protocol: TCP
+      port: 5978
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: default-deny-ingress
+spec:
+  podSelector: {}
+  policyTypes:
+  - Ingress
+";
+
+#[test]
+fn weirctl_applies_gets_describes_and_deletes_network_policies() -> anyhow::Result<()> {
+    let env = Env::start("netpol")?;
+    assert_eq!(
+        env.apply(NETPOLS)?,
+        "networkpolicy.networking.k8s.io/test-network-policy created\n\
+         networkpolicy.networking.k8s.io/default-deny-ingress created\n"
+    );
+    // get: kubectl's columns, under every spelling.
+    for kind in ["netpol", "networkpolicy", "networkpolicies"] {
+        let out = env.ok(&["get", kind])?;
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0], ["NAME", "POD-SELECTOR", "AGE"], "{out}");
+        assert_eq!(rows[1][..2], ["default-deny-ingress", "<none>"], "{out}");
+        assert_eq!(rows[2][..2], ["test-network-policy", "role=db"], "{out}");
+        assert_eq!(rows.len(), 3, "{out}");
+    }
+    assert_eq!(
+        env.ok(&["get", "netpol", "-o", "name"])?,
+        "networkpolicy.networking.k8s.io/default-deny-ingress\n\
+         networkpolicy.networking.k8s.io/test-network-policy\n"
+    );
+    let deny = env.json(&["get", "netpol", "default-deny-ingress"])?;
+    assert_eq!(deny["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    // describe: kubectl's text.
+    let out = env.ok(&["describe", "networkpolicy", "test-network-policy"])?;
+    for line in [
+        "Name:         test-network-policy",
+        "  PodSelector:     role=db",
+        "  Allowing ingress traffic:",
+        "    To Port: 6379/TCP",
+        "        Except: 172.17.1.0/24",
+        "      NamespaceSelector: project=myproject",
+        "      PodSelector: role=frontend",
+        "  Allowing egress traffic:",
+        "    To Port: 5978/TCP",
+        "        CIDR: 10.0.0.0/24",
+        "  Policy Types: Ingress, Egress",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+    }
+    // get all leaves policies out, as kubectl's `all` does.
+    env.apply(POD)?;
+    let out = env.ok(&["get", "all"])?;
+    assert!(
+        out.contains("pod/web") && !out.contains("networkpolic"),
+        "{out}"
+    );
+    // The pod got its security identity.
+    let pod = env.json(&["get", "pod", "web"])?;
+    let id: u32 = pod["metadata"]["annotations"]["weir.io/identity"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert!(id >= 256, "{pod}");
+    // Refusals name the field and the reason.
+    let bad = NETPOLS
+        .split("---")
+        .next()
+        .unwrap_or_default()
+        .replace("172.17.1.0/24", "172.18.1.0/24")
+        .replace("name: test-network-policy", "name: bad");
+    let err = env.fails(&["apply", "-f", &write(&env, "bad", &bad)?])?;
+    assert!(
+        err.starts_with("Error from server (BadRequest): ")
+            && err.contains("spec.ingress[0].from[0].ipBlock.except[0]")
+            && err.contains("must be a strict subset of cidr"),
+        "{err}"
+    );
+    let sctp = NETPOLS
+        .split("---")
+        .next()
+        .unwrap_or_default()
+        .replace(
+            "protocol: TCP\n      port: 6379",
+            "protocol: SCTP\n      port: 6379",
+        )
+        .replace("name: test-network-policy", "name: sctp");
+    let err = env.fails(&["apply", "-f", &write(&env, "sctp", &sctp)?])?;
+    assert!(
+        err.contains("spec.ingress[0].ports[0].protocol") && err.contains("SCTP"),
+        "{err}"
+    );
+    // delete.
+    assert_eq!(
+        env.ok(&["delete", "netpol", "default-deny-ingress"])?,
+        "networkpolicy.networking.k8s.io \"default-deny-ingress\" deleted\n"
+    );
+    assert_eq!(
+        env.ok(&["get", "networkpolicies", "-o", "name"])?,
+        "networkpolicy.networking.k8s.io/test-network-policy\n"
+    );
+    Ok(())
+}

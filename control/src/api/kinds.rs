@@ -26,6 +26,8 @@ pub enum Kind {
     Service,
     /// `discovery.k8s.io/v1` `EndpointSlice` (namespaced).
     EndpointSlice,
+    /// `networking.k8s.io/v1` `NetworkPolicy` (namespaced).
+    NetworkPolicy,
 }
 
 /// A validated manifest: the object (metadata and spec, no status), the
@@ -78,7 +80,7 @@ impl Validated {
 
 impl Kind {
     /// Every kind, in the order `weirctl get all` lists them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Pod,
         Self::Service,
         Self::ReplicaSet,
@@ -88,6 +90,7 @@ impl Kind {
         Self::Namespace,
         Self::Event,
         Self::EndpointSlice,
+        Self::NetworkPolicy,
     ];
 
     /// Looks up a kind by its `kind` field.
@@ -113,6 +116,7 @@ impl Kind {
             Self::Event => "Event",
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -122,6 +126,7 @@ impl Kind {
             Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps",
             Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "core",
             Self::EndpointSlice => "discovery.k8s.io",
+            Self::NetworkPolicy => "networking.k8s.io",
         }
     }
 
@@ -131,6 +136,7 @@ impl Kind {
             Self::ReplicaSet | Self::Deployment | Self::DaemonSet => "apps/v1",
             Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::NetworkPolicy => "networking.k8s.io/v1",
         }
     }
 
@@ -146,6 +152,7 @@ impl Kind {
             Self::Event => "events",
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
+            Self::NetworkPolicy => "networkpolicies",
         }
     }
 
@@ -236,6 +243,10 @@ impl Kind {
                 self,
                 m::validate_endpoint_slice(source, doc).map_err(invalid)?,
             )?,
+            Self::NetworkPolicy => typed(
+                self,
+                m::validate_network_policy(source, doc).map_err(invalid)?,
+            )?,
         };
         Validated::new(source, object, warnings)
     }
@@ -257,6 +268,7 @@ impl Kind {
             Self::Node => serde_json::from_value::<NodeStatus>(status.clone()).map(drop),
             Self::Service => serde_json::from_value::<ServiceStatus>(status.clone()).map(drop),
             Self::Event | Self::EndpointSlice => Ok(()),
+            Self::NetworkPolicy => Err(serde::de::Error::custom("a NetworkPolicy has no status")),
         };
         checked.map_err(|e| ApiError::Invalid(format!("status: {e}")))
     }
@@ -386,9 +398,10 @@ fn validate_namespace(source: &str, doc: &Value) -> Result<Validated, ApiError> 
             _ => return Err(invalid(&path, "unknown field")),
         }
     }
-    if !meta.contains_key("name") {
+    let Some(name) = meta.get("name").cloned() else {
         return Err(invalid("metadata.name", "required"));
-    }
+    };
+    set_name_label(&mut meta, name);
     object.insert("metadata".to_owned(), Value::Object(meta));
     if let Some(spec) = map.get("spec") {
         let Value::Object(spec_map) = spec else {
@@ -413,6 +426,21 @@ fn validate_namespace(source: &str, doc: &Value) -> Result<Validated, ApiError> 
         object.insert("spec".to_owned(), spec.clone());
     }
     Validated::new(source, object, warnings)
+}
+
+/// The label every namespace carries with its own name, as Kubernetes sets
+/// it (network policies select namespaces by it).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Sets [`NAMESPACE_NAME_LABEL`] in a namespace's metadata to `name`,
+/// whatever the manifest said (Kubernetes' defaulting does the same).
+pub(super) fn set_name_label(meta: &mut Map<String, Value>, name: Value) {
+    let labels = meta
+        .entry("labels")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Some(labels) = labels.as_object_mut() {
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name);
+    }
 }
 
 /// Namespace labels or annotations: a map of strings to strings; labels

@@ -13,6 +13,7 @@
 
 mod bind;
 mod delete;
+pub mod identity;
 mod kinds;
 mod namespaces;
 mod object;
@@ -20,6 +21,8 @@ pub mod selector;
 mod services;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_identity;
 #[cfg(test)]
 mod tests_lifecycle;
 #[cfg(test)]
@@ -35,8 +38,8 @@ use tonic::{Request, Response, Status};
 use weir_proto::v1;
 use weir_proto::v1::objects_server::{Objects, ObjectsServer};
 
-pub use self::kinds::Kind;
 use self::kinds::Validated;
+pub use self::kinds::{Kind, NAMESPACE_NAME_LABEL};
 pub use self::namespaces::SYSTEM_NAMESPACES;
 pub use self::object::now;
 use self::object::{Stored, labels_of};
@@ -77,6 +80,10 @@ pub enum ApiError {
         /// The object's name.
         name: String,
     },
+    /// A resource the cluster allocates from has run out (security
+    /// identities).
+    #[error("{0}")]
+    Exhausted(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -101,6 +108,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound { .. } => Status::not_found(message),
             ApiError::Conflict { .. } => Status::aborted(message),
             ApiError::Forbidden(_) => Status::failed_precondition(message),
+            ApiError::Exhausted(_) => Status::resource_exhausted(message),
             ApiError::Store(StoreError::Compacted { .. }) => Status::out_of_range(message),
             ApiError::Store(_) | ApiError::Corrupt { .. } | ApiError::Internal(_) => {
                 Status::internal(message)
@@ -201,6 +209,17 @@ impl Target {
     }
 }
 
+/// The kind a manifest names.
+fn manifest_kind(doc: &Value) -> Result<Kind, ApiError> {
+    match doc.get("kind") {
+        None | Some(Value::Null) => Err(ApiError::Invalid("manifest: kind: required".to_owned())),
+        Some(Value::String(kind)) => Kind::from_name(kind),
+        Some(other) => Err(ApiError::Invalid(format!(
+            "manifest: kind: must be a string, got {other}"
+        ))),
+    }
+}
+
 fn parse_selector(text: &str) -> Result<Selector, ApiError> {
     Selector::parse(text).map_err(|e| ApiError::Invalid(e.to_string()))
 }
@@ -210,23 +229,20 @@ impl<S: Store> ObjectsApi<S> {
     pub async fn apply(&self, req: &v1::ApplyRequest) -> Result<v1::ApplyResponse, ApiError> {
         let doc: Value = serde_json::from_str(&req.manifest_json)
             .map_err(|e| ApiError::Invalid(format!("manifest: invalid JSON: {e}")))?;
-        let kind = match doc.get("kind") {
-            None | Some(Value::Null) => {
-                return Err(ApiError::Invalid("manifest: kind: required".to_owned()));
-            }
-            Some(Value::String(kind)) => Kind::from_name(kind)?,
-            Some(other) => {
-                return Err(ApiError::Invalid(format!(
-                    "manifest: kind: must be a string, got {other}"
-                )));
-            }
-        };
+        let kind = manifest_kind(&doc)?;
         let Validated {
             object,
-            warnings,
+            mut warnings,
             resource_version,
         } = kind.validate("manifest", &doc)?;
         let desired = Stored::new(object);
+        let given_identity = (kind == Kind::Pod)
+            .then(|| {
+                desired
+                    .annotation(identity::IDENTITY_ANNOTATION)
+                    .map(str::to_owned)
+            })
+            .flatten();
         let target = Target {
             kind,
             key: kind.key(desired.namespace(), desired.name())?,
@@ -238,7 +254,7 @@ impl<S: Store> ObjectsApi<S> {
                 .namespace_guard(kind, desired.namespace(), current.is_none())
                 .await?;
             let stored_before = match &current {
-                Some(kv) if kind == Kind::Service => Some(Stored::decode(kv)?),
+                Some(kv) if matches!(kind, Kind::Service | Kind::Pod) => Some(Stored::decode(kv)?),
                 _ => None,
             };
             let (mut compares, mut written, created) = match current {
@@ -258,8 +274,12 @@ impl<S: Store> ObjectsApi<S> {
                     let stored = Stored::decode(&kv)?;
                     let mut updated = desired.clone();
                     update::check(kind, &stored, &mut updated)?;
+                    if kind == Kind::Pod {
+                        identity::carry_over(&stored, &mut updated);
+                    }
                     let updated = updated.updating(&stored);
                     if updated == stored {
+                        warnings.extend(identity::overridden(given_identity.as_deref(), &stored));
                         return Ok(v1::ApplyResponse {
                             object: Some(stored.to_object(kv.mod_revision)),
                             warnings,
@@ -271,17 +291,13 @@ impl<S: Store> ObjectsApi<S> {
                 }
             };
             compares.extend(guard);
-            let mut ops = Vec::new();
-            if kind == Kind::Service {
-                let (claims, records) = self
-                    .allocate_service(stored_before.as_ref(), &mut written)
-                    .await?;
-                compares.extend(claims);
-                ops.extend(records);
-            }
-            ops.insert(0, written.put(&target.key)?);
+            let (claims, ops) = self
+                .write_ops(kind, stored_before.as_ref(), &mut written, &target.key)
+                .await?;
+            compares.extend(claims);
             let result = self.store.txn(compares, ops).await?;
             if result.succeeded {
+                warnings.extend(identity::overridden(given_identity.as_deref(), &written));
                 return Ok(v1::ApplyResponse {
                     object: Some(written.to_object(result.revision)),
                     warnings,
@@ -293,6 +309,35 @@ impl<S: Store> ObjectsApi<S> {
             }
         }
         Err(target.conflict())
+    }
+
+    /// The compares and writes of an Apply's transaction: the object's
+    /// write plus what the kind allocates with it (a pod's identity
+    /// records first, so a watcher knows an identity before a pod carries
+    /// it; a Service's cluster IP and node port records).
+    async fn write_ops(
+        &self,
+        kind: Kind,
+        stored: Option<&Stored>,
+        written: &mut Stored,
+        key: &str,
+    ) -> Result<(Vec<(String, Compare)>, Vec<crate::store::Op>), ApiError> {
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        let mut after = Vec::new();
+        if kind == Kind::Pod {
+            let (claims, records) = self.assign_identity(stored, written).await?;
+            compares.extend(claims);
+            ops.extend(records);
+        }
+        if kind == Kind::Service {
+            let (claims, records) = self.allocate_service(stored, written).await?;
+            compares.extend(claims);
+            after.extend(records);
+        }
+        ops.push(written.put(key)?);
+        ops.extend(after);
+        Ok((compares, ops))
     }
 
     /// Replaces an object's status only.

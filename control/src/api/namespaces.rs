@@ -26,6 +26,7 @@ impl<S: Store> ObjectsApi<S> {
         let key = Kind::Namespace.key("", name)?;
         let mut meta = Map::new();
         meta.insert("name".to_owned(), Value::from(name));
+        super::kinds::set_name_label(&mut meta, Value::from(name));
         let mut object = Map::new();
         object.insert("apiVersion".to_owned(), Value::from("v1"));
         object.insert("kind".to_owned(), Value::from("Namespace"));

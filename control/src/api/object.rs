@@ -99,6 +99,37 @@ impl Stored {
         labels_of(self)
     }
 
+    /// One annotation's value, if it is set (and a string).
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.meta()?.get("annotations")?.get(key)?.as_str()
+    }
+
+    /// Sets (`Some`) or removes (`None`) one annotation; an emptied
+    /// `annotations` map is removed.
+    pub fn set_annotation(&mut self, key: &str, value: Option<String>) {
+        let meta = self.meta_mut();
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !annotations.is_object() {
+            *annotations = Value::Object(Map::new());
+        }
+        let Some(map) = annotations.as_object_mut() else {
+            return;
+        };
+        match value {
+            Some(v) => {
+                map.insert(key.to_owned(), Value::from(v));
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+        if map.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+
     /// `metadata.uid`.
     pub fn uid(&self) -> &str {
         self.meta_str("uid")

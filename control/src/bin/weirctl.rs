@@ -26,6 +26,8 @@ mod format;
 mod get;
 #[path = "weirctl/logs.rs"]
 mod logs;
+#[path = "weirctl/netpol.rs"]
+mod netpol;
 #[path = "weirctl/node.rs"]
 mod node;
 #[path = "weirctl/printers.rs"]

@@ -7,6 +7,10 @@
 //!   left behind, or dependents written by a stale client.
 //! - **events** older than `--event-ttl` (Kubernetes' default: one hour) are
 //!   deleted, so a busy cluster's events don't grow without bound.
+//! - **security identities** no pod carries any more are released once
+//!   they have stayed unused for the identity grace period (see
+//!   `api::identity` for the compare-and-swap that keeps this safe against
+//!   concurrent pod creates).
 //!
 //! Owners are first looked up in the caches; a dependent is only deleted
 //! after the API confirms its owner is gone (a cache may lag the store).
@@ -46,6 +50,7 @@ pub(crate) fn start<S: Store>(
             if orphans + events > 0 {
                 tracing::info!(orphans, events, "garbage collector: deleted");
             }
+            sweep_identities(&ctx).await;
         }
     })]
 }
@@ -127,6 +132,25 @@ async fn orphaned<S: Store>(ctx: &Ctx<S>, object: &ObjectMeta) -> bool {
         );
     }
     gone
+}
+
+/// Marks, revives and releases security identities (see the module docs).
+async fn sweep_identities<S: Store>(ctx: &Ctx<S>) {
+    match ctx
+        .client
+        .api()
+        .sweep_identities(meta::now(), ctx.config.identity_grace)
+        .await
+    {
+        Ok(s) if s.released > 0 => {
+            tracing::info!(
+                released = s.released,
+                "garbage collector: released unused identities"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "garbage collector: cannot sweep identities"),
+    }
 }
 
 /// When an event last happened (`lastTimestamp`, `eventTime`, else its

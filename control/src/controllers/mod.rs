@@ -81,6 +81,9 @@ pub struct Config {
     pub event_ttl: Duration,
     /// How often the garbage collector sweeps for orphans and old events.
     pub gc_period: Duration,
+    /// How long a security identity no pod carries any more is kept
+    /// before the garbage collector releases it.
+    pub identity_grace: Duration,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             burst_replicas: 500,
             event_ttl: Duration::from_hours(1),
             gc_period: Duration::from_mins(1),
+            identity_grace: Duration::from_mins(5),
         }
     }
 }

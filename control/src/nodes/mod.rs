@@ -1,7 +1,8 @@
 //! The `Nodes` gRPC service agents use: `Register` (the Node object and
 //! the node's pod CIDR), `Heartbeat` (`Ready=True`), `WatchNode` (the pods
-//! bound to the node and the routes to its peers, resumable from a
-//! revision) and `ReportPodStatus` (status writes, and the final removal of
+//! bound to the node, the routes to its peers, every Service, and what
+//! network policy needs: policies, namespaces, identities and the
+//! ipcache; resumable from a revision) and `ReportPodStatus` (status writes, and the final removal of
 //! a pod marked for deletion once its node has torn it down).
 //!
 //! It works over the same [`ObjectsApi`] as users and controllers, so Node
@@ -11,6 +12,9 @@
 pub mod cidr;
 pub mod filter;
 pub mod node;
+pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod services;
 #[cfg(test)]
 mod services_tests;

@@ -1,8 +1,9 @@
 //! `WatchNode`: one node's desired state as a stream of events.
 //!
 //! From revision 0 the stream lists the pods bound to the node and every
-//! routable node and every Service with its `EndpointSlice` (as ADDED, all
-//! at the list's revision), sends a Bookmark
+//! routable node, every Service with its `EndpointSlice`, and what network
+//! policy needs (namespaces, identities, policies, the ipcache; see
+//! `policy.rs`), as ADDED, all at the list's revision, sends a Bookmark
 //! to mark the end of that state, then follows one store watch on the whole store
 //! from the list's revision, so nothing between the list and the watch is
 //! missed. From any other revision it follows the watch from there. A
@@ -17,6 +18,7 @@ use tonic::Status;
 use weir_proto::v1;
 
 use super::filter::{self, NODES, PODS};
+use super::policy;
 use super::services::{self, Listed, SERVICES, SLICES};
 use crate::store::{Store, StoreError, WatchReceiver};
 
@@ -126,17 +128,24 @@ async fn run<S: Store>(
         for s in services {
             send(tx, event(pods_at, v1::node_event::Event::Service(s))).await?;
         }
+        let (policy_state, policy_listed) = policy::list(store, &pods)
+            .await
+            .map_err(|e| store_status(&e))?;
+        for e in policy_state {
+            send(tx, event(pods_at, e)).await?;
+        }
         send(tx, bookmark(pods_at)).await?;
         let rx = watch(store, pods_at, tx).await?;
-        (rx, nodes_at, pods_at, listed)
+        (rx, nodes_at, pods_at, (listed, policy_listed))
     } else {
         let rx = watch(store, from_revision, tx).await?;
-        (rx, 0, from_revision, Listed::default())
+        (rx, 0, from_revision, Default::default())
     };
     let Some(rx) = rx else { return Ok(()) };
     let skip = Skip {
         nodes_until: skip_nodes_until,
-        services: listed,
+        services: listed.0,
+        policy: listed.1,
     };
     follow(store, rx, node, skip, start, bookmark_every, tx).await
 }
@@ -159,11 +168,13 @@ async fn watch<S: Store>(
 }
 
 /// What the initial list already holds: node events up to `nodes_until`,
-/// service and slice events up to `services`' revisions.
+/// service and slice events up to `services`' revisions, policy,
+/// namespace and identity events up to `policy`'s.
 #[derive(Debug, Clone, Copy)]
 struct Skip {
     nodes_until: u64,
     services: Listed,
+    policy: policy::Listed,
 }
 
 /// Passes on the watch's events for `node` (those the initial list already
@@ -193,6 +204,10 @@ async fn follow<S: Store>(
                 Some(Ok(ev)) => {
                     last = ev.revision();
                     let key = ev.kv.key.as_str();
+                    // A pod's ipcache entry (every node's) and the pod (its node's).
+                    for out in policy::events(&ev, skip.policy) {
+                        send(tx, event(last, out)).await?;
+                    }
                     let out = if key.starts_with(PODS) {
                         filter::pod_event(node, &ev).map(v1::node_event::Event::Pod)
                     } else if key.starts_with(NODES) {

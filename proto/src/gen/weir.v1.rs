@@ -226,7 +226,7 @@ pub struct NodeEvent {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
     /// What changed.
-    #[prost(oneof = "node_event::Event", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "node_event::Event", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub event: ::core::option::Option<node_event::Event>,
 }
 /// Nested message and enum types in `NodeEvent`.
@@ -241,10 +241,10 @@ pub mod node_event {
         /// A service or its endpoints changed.
         #[prost(message, tag = "3")]
         Service(super::ServiceEvent),
-        /// A network policy changed.
+        /// A network policy (in any namespace) changed.
         #[prost(message, tag = "4")]
         Policy(super::PolicyEvent),
-        /// A (pod IP -> identity) pair changed.
+        /// A security identity was allocated or released.
         #[prost(message, tag = "5")]
         Identity(super::IdentityEvent),
         /// Nothing changed; the revision is a point to resume from.
@@ -258,6 +258,13 @@ pub mod node_event {
         /// the agent keeps a route to every other node's pod CIDR.
         #[prost(message, tag = "8")]
         Peer(super::PeerEvent),
+        /// A (pod IP -> identity) pair of the cluster's ipcache changed.
+        #[prost(message, tag = "9")]
+        Ipcache(super::IpCacheEvent),
+        /// A namespace was created, changed its labels, or went away (network
+        /// policies' namespaceSelectors match namespace labels).
+        #[prost(message, tag = "10")]
+        Namespace(super::NamespaceEvent),
     }
 }
 /// A node of the cluster as its peers need it for routing.
@@ -303,30 +310,105 @@ pub struct ServiceEvent {
     #[prost(message, optional, tag = "3")]
     pub endpoint_slice: ::core::option::Option<Object>,
 }
-/// A change to a network policy.
+/// A change to a network policy. Every node gets every NetworkPolicy of
+/// the cluster.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PolicyEvent {
     /// What happened.
     #[prost(enumeration = "EventType", tag = "1")]
     pub r#type: i32,
-    /// The network policy (its last state for DELETED).
+    /// The `networking.k8s.io/v1` NetworkPolicy, validated and defaulted
+    /// (its last state for DELETED).
     #[prost(message, optional, tag = "2")]
     pub policy: ::core::option::Option<Object>,
 }
-/// A change to the cluster's (pod IP -> security identity) pairs.
+/// A change to the cluster's security identities: one numeric identity per
+/// distinct (namespace, pod labels) set, allocated by the control when a pod
+/// with that set is created. Identities 1-255 are reserved for well-known
+/// peers (1 host, 2 world, 3 remote-node) and never sent; allocated ones are
+/// 256-65535. An identity's set never changes: a pod whose labels change
+/// gets another identity.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct IdentityEvent {
+    /// ADDED or DELETED (released after no pod has used it for a while).
+    #[prost(enumeration = "EventType", tag = "1")]
+    pub r#type: i32,
+    /// The numeric identity.
+    #[prost(uint32, tag = "2")]
+    pub id: u32,
+    /// The namespace of the pods that carry it.
+    #[prost(string, tag = "3")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Their labels.
+    #[prost(map = "string, string", tag = "4")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
+/// A change to the cluster's ipcache: which pod, and so which identity, an
+/// IP address belongs to. A pod has an entry while it has `status.podIP`,
+/// an identity, and is not Succeeded or Failed.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct IpCacheEvent {
+    /// ADDED, MODIFIED (the identity changed) or DELETED. A DELETED entry is
+    /// only to be removed if it still names this pod: the IP may already
+    /// belong to another one.
+    #[prost(enumeration = "EventType", tag = "1")]
+    pub r#type: i32,
+    /// The pod's IPv4 address.
+    #[prost(string, tag = "2")]
+    pub ip: ::prost::alloc::string::String,
+    /// The pod's security identity.
+    #[prost(uint32, tag = "3")]
+    pub identity: u32,
+    /// The pod's namespace.
+    #[prost(string, tag = "4")]
+    pub namespace: ::prost::alloc::string::String,
+    /// The pod's name.
+    #[prost(string, tag = "5")]
+    pub pod_name: ::prost::alloc::string::String,
+    /// The node the pod runs on.
+    #[prost(string, tag = "6")]
+    pub node_name: ::prost::alloc::string::String,
+    /// The pod's named container ports, which policy rules may name (an
+    /// egress rule's named port is the destination pod's).
+    #[prost(message, repeated, tag = "7")]
+    pub named_ports: ::prost::alloc::vec::Vec<NamedPort>,
+}
+/// A named container port of a pod.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct IdentityEvent {
-    /// The pod's IP address.
+pub struct NamedPort {
+    /// The port's name (`spec.containers\[\].ports\[\].name`).
     #[prost(string, tag = "1")]
-    pub ip: ::prost::alloc::string::String,
-    /// The security identity of the pod at that IP.
+    pub name: ::prost::alloc::string::String,
+    /// The container port number.
     #[prost(uint32, tag = "2")]
-    pub identity: u32,
-    /// True if the pair was removed (the pod is gone).
-    #[prost(bool, tag = "3")]
-    pub removed: bool,
+    pub port: u32,
+    /// `TCP`, `UDP` or `SCTP`.
+    #[prost(string, tag = "3")]
+    pub protocol: ::prost::alloc::string::String,
+}
+/// A change to a namespace as network policies see it: its labels.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NamespaceEvent {
+    /// What happened.
+    #[prost(enumeration = "EventType", tag = "1")]
+    pub r#type: i32,
+    /// The namespace's name.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Its labels (including `kubernetes.io/metadata.name`).
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// A point in the stream to resume from; carries no change.
 #[allow(clippy::all)]
@@ -509,8 +591,9 @@ pub mod nodes_client {
             self.inner.unary(req, path, codec).await
         }
         /// Streams the desired state for a node as incremental events from a
-        /// revision on: pods bound to it, services and their ready endpoints,
-        /// network policies, and the cluster's (pod IP -> identity) pairs.
+        /// revision on: pods bound to it, the other nodes, services and their
+        /// endpoints, network policies, namespaces, security identities, and the
+        /// cluster's (pod IP -> identity) pairs.
         pub async fn watch_node(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchNodeRequest>,
@@ -596,8 +679,9 @@ pub mod nodes_server {
             + std::marker::Send
             + 'static;
         /// Streams the desired state for a node as incremental events from a
-        /// revision on: pods bound to it, services and their ready endpoints,
-        /// network policies, and the cluster's (pod IP -> identity) pairs.
+        /// revision on: pods bound to it, the other nodes, services and their
+        /// endpoints, network policies, namespaces, security identities, and the
+        /// cluster's (pod IP -> identity) pairs.
         async fn watch_node(
             &self,
             request: tonic::Request<super::WatchNodeRequest>,

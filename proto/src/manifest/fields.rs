@@ -140,7 +140,7 @@ static LABEL_SELECTOR: &[FieldRule] = &[
     used("matchExpressions[].values", Shape::StringList, "non-empty for `In` and `NotIn`, empty otherwise"),
 ];
 
-static LABEL_SELECTOR_PARTS: &[Part] = &[Part::Rows(LABEL_SELECTOR)];
+pub(super) static LABEL_SELECTOR_PARTS: &[Part] = &[Part::Rows(LABEL_SELECTOR)];
 
 /// A `NodeSelectorTerm` of node affinity.
 #[rustfmt::skip]
@@ -556,7 +556,7 @@ pub(super) static EVENT: LazyLock<Table> = LazyLock::new(|| {
 });
 
 /// Every table, for the README and the consistency test.
-pub(super) fn all() -> [&'static Table; 8] {
+pub(super) fn all() -> [&'static Table; 9] {
     [
         &POD,
         &REPLICA_SET,
@@ -566,6 +566,7 @@ pub(super) fn all() -> [&'static Table; 8] {
         &EVENT,
         &super::service_fields::SERVICE,
         &super::service_fields::ENDPOINT_SLICE,
+        &super::netpol_fields::NETWORK_POLICY,
     ]
 }
 

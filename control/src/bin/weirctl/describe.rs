@@ -30,7 +30,8 @@ pub async fn run(api: &Api, args: &[String], ns: &str, selector: &str) -> anyhow
     }
     let mut first = true;
     for (r, v) in objects {
-        let events = if r == Resource::Event {
+        // kubectl shows no events for these.
+        let events = if matches!(r, Resource::Event | Resource::NetworkPolicy) {
             Vec::new()
         } else {
             events_for(api, r, &v).await?
@@ -99,8 +100,9 @@ async fn describe(api: &Api, r: Resource, v: &Value, events: &[Value]) -> anyhow
             labels_annotations(&mut d, 0, &v["metadata"]);
             crate::services::describe_endpoint_slice(&mut d, v);
         }
+        Resource::NetworkPolicy => crate::netpol::describe_network_policy(&mut d, v),
     }
-    if r != Resource::Event {
+    if !matches!(r, Resource::Event | Resource::NetworkPolicy) {
         events_section(&mut d, events, crate::format::now());
     }
     Ok(d.render())
@@ -119,7 +121,7 @@ pub fn controller_ref(v: &Value) -> Option<&Value> {
         .find(|o| o["controller"] == true)
 }
 
-fn header(d: &mut Doc, v: &Value, with_ns: bool) {
+pub fn header(d: &mut Doc, v: &Value, with_ns: bool) {
     let m = &v["metadata"];
     d.field(0, "Name", &m["name"]);
     if with_ns {
@@ -127,7 +129,7 @@ fn header(d: &mut Doc, v: &Value, with_ns: bool) {
     }
 }
 
-fn labels_annotations(d: &mut Doc, level: usize, m: &Value) {
+pub fn labels_annotations(d: &mut Doc, level: usize, m: &Value) {
     d.map(level, "Labels", &m["labels"], "=");
     d.map(level, "Annotations", &m["annotations"], ": ");
 }

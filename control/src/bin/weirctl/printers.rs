@@ -79,6 +79,7 @@ pub fn header(r: Resource, o: &Options) -> Vec<&'static str> {
             &["SELECTOR"],
         ),
         Resource::EndpointSlice => (&["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], &[]),
+        Resource::NetworkPolicy => (&["NAME", "POD-SELECTOR", "AGE"], &[]),
     };
     h.extend_from_slice(base);
     if o.wide {
@@ -187,6 +188,9 @@ pub fn row(r: Resource, v: &Value, o: &Options) -> Vec<String> {
         Resource::EndpointSlice => {
             cells.push(name);
             cells.extend(crate::services::endpoint_slice_cells(v, created));
+        }
+        Resource::NetworkPolicy => {
+            cells.extend([name, selector_text(&v["spec"]["podSelector"]), created]);
         }
     }
     cells

@@ -16,6 +16,7 @@ pub enum Resource {
     Event,
     Service,
     EndpointSlice,
+    NetworkPolicy,
 }
 
 impl Resource {
@@ -34,6 +35,7 @@ impl Resource {
             "ev" | "event" | "events" => Self::Event,
             "svc" | "service" | "services" => Self::Service,
             "endpointslice" | "endpointslices" => Self::EndpointSlice,
+            "netpol" | "networkpolicy" | "networkpolicies" => Self::NetworkPolicy,
             _ => bail!("the server doesn't have a resource type \"{arg}\""),
         })
     }
@@ -50,6 +52,7 @@ impl Resource {
             "Event" => Self::Event,
             "Service" => Self::Service,
             "EndpointSlice" => Self::EndpointSlice,
+            "NetworkPolicy" => Self::NetworkPolicy,
             _ => return None,
         })
     }
@@ -66,6 +69,7 @@ impl Resource {
             Self::Event => "Event",
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -74,6 +78,7 @@ impl Resource {
         match self {
             Self::Deployment | Self::ReplicaSet | Self::DaemonSet => "apps/v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::NetworkPolicy => "networking.k8s.io/v1",
             Self::Pod | Self::Node | Self::Namespace | Self::Event | Self::Service => "v1",
         }
     }
@@ -90,6 +95,7 @@ impl Resource {
             Self::Event => "events",
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
+            Self::NetworkPolicy => "networkpolicies",
         }
     }
 
@@ -105,6 +111,7 @@ impl Resource {
             Self::Event => "event",
             Self::Service => "service",
             Self::EndpointSlice => "endpointslice.discovery.k8s.io",
+            Self::NetworkPolicy => "networkpolicy.networking.k8s.io",
         }
     }
 
@@ -177,6 +184,10 @@ mod tests {
             ("services", Resource::Service),
             ("endpointslice", Resource::EndpointSlice),
             ("endpointslices.discovery.k8s.io", Resource::EndpointSlice),
+            ("netpol", Resource::NetworkPolicy),
+            ("networkpolicy", Resource::NetworkPolicy),
+            ("NetworkPolicies", Resource::NetworkPolicy),
+            ("networkpolicies.networking.k8s.io", Resource::NetworkPolicy),
         ] {
             assert_eq!(Resource::parse(arg).expect(arg), r);
         }
