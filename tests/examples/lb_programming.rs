@@ -593,6 +593,7 @@ impl Bench {
             "samples": w.samples,
             "flushed": w.min_entries < before,
             "agent_log": milestones(&self.cluster.cluster.nodes[0].agent_log_text(), wall),
+            "agent_lb_sync_since_start": lb_sync_metric(&self.cluster.cluster.nodes[0]),
         }))
     }
 
@@ -625,6 +626,7 @@ impl Bench {
             "process_start_to_all_programmed_ms": ms(visible),
             "process_start_to_healthz_ms": ms(healthz),
             "agent_log": milestones(&self.cluster.cluster.nodes[1].agent_log_text(), wall),
+            "agent_lb_sync_since_start": lb_sync_metric(&self.cluster.cluster.nodes[1]),
         }))
     }
 
@@ -717,6 +719,36 @@ fn milestones(log: &str, since: SystemTime) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// The agent's own account of its map programming since it started
+/// (`weir_lb_sync_duration_seconds`: count and total), once it has
+/// observed its first sync (the maps can show the changes before the sync
+/// that wrote them returns); Null if it does not say within 10 s.
+fn lb_sync_metric(node: &weir_tests::Node) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let v = lb_sync_once(node);
+        if v["count"].as_f64().is_some_and(|c| c >= 1.0) || t0.elapsed() > Duration::from_secs(10) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lb_sync_once(node: &weir_tests::Node) -> Value {
+    let Ok(text) = node.metrics() else {
+        return Value::Null;
+    };
+    let field = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("weir_lb_sync_duration_seconds_{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    match (field("count"), field("sum")) {
+        (Some(count), Some(sum)) => json!({"count": count, "sum_ms": (sum * 1e6).round() / 1e3}),
+        _ => Value::Null,
+    }
 }
 
 /// What the restart watcher saw.
