@@ -64,6 +64,13 @@ impl Applied {
     pub fn changed(&self) -> bool {
         self.dns || self.nodeports || !self.lb_keys.is_empty()
     }
+
+    /// Adds what a later event changed (a burst is programmed once).
+    pub fn merge(&mut self, later: Applied) {
+        self.lb_keys.extend(later.lb_keys);
+        self.dns |= later.dns;
+        self.nodeports |= later.nodeports;
+    }
 }
 
 /// The first spec of each key in `specs`.
@@ -219,7 +226,9 @@ fn ready_addresses(slice: Option<&EndpointSlice>) -> Vec<Ipv4Addr> {
 }
 
 /// The cluster DNS view of one Service: its `ClusterIP` (None when
-/// headless), its ready endpoints and its ports.
+/// headless), its ready endpoints (headless only: a `ClusterIP` service is
+/// answered with its `ClusterIP`, so its endpoints changing leaves the DNS
+/// view, and the zone, alone) and its ports.
 pub fn dns_of(service: &Service, slice: Option<&EndpointSlice>) -> ServiceRecord {
     let spec = service.spec.as_ref();
     let cluster_ip = spec
@@ -237,9 +246,14 @@ pub fn dns_of(service: &Service, slice: Option<&EndpointSlice>) -> ServiceRecord
             })
         })
         .collect();
+    let endpoints = if cluster_ip.is_none() {
+        ready_addresses(slice)
+    } else {
+        Vec::new()
+    };
     ServiceRecord {
         cluster_ip,
-        endpoints: ready_addresses(slice),
+        endpoints,
         ports,
     }
 }
@@ -446,6 +460,11 @@ mod tests {
             dns_of(&svc, None).cluster_ip,
             Some(Ipv4Addr::new(10, 96, 0, 20))
         );
+        assert_eq!(
+            dns_of(&svc, Some(&slice())),
+            dns_of(&svc, None),
+            "a ClusterIP service's DNS view does not depend on its endpoints"
+        );
     }
 
     #[test]
@@ -548,12 +567,17 @@ mod tests {
             .unwrap();
         assert_eq!(a.lb_keys, BTreeSet::from([key]));
         assert_eq!(table.spec_for(&key).unwrap().backends.len(), 2);
+        assert!(!a.dns, "a ClusterIP service's endpoints are not in DNS");
         // Another port: the old key goes, the new one comes.
+        let mut burst = a;
         let a = table
             .apply_event(&event(v1::EventType::Modified, "web", 81, Some(&slice())))
             .unwrap();
         let key81 = table.specs()[0].key();
         assert_eq!(a.lb_keys, BTreeSet::from([key, key81]));
+        assert!(a.dns, "the port is in DNS (SRV)");
+        burst.merge(a.clone());
+        assert_eq!(burst, a, "a burst programs what each of its events changed");
         assert!(table.spec_for(&key).is_none());
         // A second service on the same VIP and port: the first by name owns it.
         let a = table

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use tokio_util::sync::CancellationToken;
 use weir_proto::v1;
@@ -22,6 +23,11 @@ use crate::pod::DesiredPod;
 /// A stream silent for this long (the control bookmarks every 10 s) is
 /// taken for dead and reconnected.
 const SILENCE: Duration = Duration::from_secs(30);
+/// Most service events applied to the table before they are programmed:
+/// the events of a burst that have already arrived are programmed at once
+/// (one map update, one DNS zone refresh), which bounds how long the first
+/// of them waits.
+const SERVICE_BATCH: usize = 256;
 
 /// A pod event's object as the agent keeps it: (uid, pod).
 pub(crate) fn control_pod(object: &v1::Object) -> Result<(String, ControlPod), String> {
@@ -154,18 +160,34 @@ async fn consume(
     cancel: &CancellationToken,
 ) -> Ended {
     let mut listing = (*revision == 0).then(Listing::default);
+    // Service events applied to the table, not yet programmed.
+    let mut pending = Pending::default();
     loop {
-        let got = tokio::select! {
-            () = cancel.cancelled() => return Ended::Cancelled,
-            r = tokio::time::timeout(SILENCE, stream.message()) => r,
+        // In a burst, take the events that have already arrived; program
+        // them once nothing more is waiting (or the batch is full).
+        let ready = if pending.events > 0 && pending.events < SERVICE_BATCH {
+            stream.message().now_or_never()
+        } else {
+            None
+        };
+        let got = if let Some(r) = ready {
+            Ok(r)
+        } else {
+            pending.program(sh);
+            tokio::select! {
+                () = cancel.cancelled() => return Ended::Cancelled,
+                r = tokio::time::timeout(SILENCE, stream.message()) => r,
+            }
         };
         let ev = match got {
             Ok(Ok(Some(ev))) => ev,
             Ok(Ok(None)) => {
+                pending.program(sh);
                 tracing::warn!("node watch ended; reconnecting");
                 return Ended::Lost;
             }
             Ok(Err(s)) => {
+                pending.program(sh);
                 tracing::warn!(error = %s.message(), "node watch failed; reconnecting");
                 return Ended::Lost;
             }
@@ -175,6 +197,9 @@ async fn consume(
             }
         };
         *delay = BACKOFF_INITIAL;
+        if !matches!(ev.event, Some(Event::Service(_))) {
+            pending.program(sh);
+        }
         match (ev.event, listing.as_mut()) {
             (Some(Event::Resync(r)), _) => {
                 tracing::warn!(reason = %r.reason, "control asks for a resync; re-listing");
@@ -227,12 +252,34 @@ async fn consume(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .apply_event(&svc);
                 match applied {
-                    Ok(a) if a.changed() => sync_changed_services(sh, &a),
-                    Ok(_) => {}
+                    Ok(a) => pending.add(a),
                     Err(e) => tracing::error!(error = %e, "service from the control refused"),
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// Service events applied to the table whose changes are not programmed
+/// yet.
+#[derive(Default)]
+struct Pending {
+    applied: Applied,
+    events: usize,
+}
+
+impl Pending {
+    fn add(&mut self, applied: Applied) {
+        self.applied.merge(applied);
+        self.events += 1;
+    }
+
+    /// Programs what the pending events changed, if anything.
+    fn program(&mut self, sh: &Shared) {
+        let p = std::mem::take(self);
+        if p.applied.changed() {
+            sync_changed_services(sh, &p.applied);
         }
     }
 }
@@ -310,18 +357,36 @@ fn sync_nodeports(sh: &Shared, lb: &crate::lb::Dataplane, nodeports: &[crate::lb
     }
 }
 
-/// Programs what one service event changed: only the load balancer
-/// entries with the keys it touched (each resolved against the whole
-/// table, then the local DNS entry, else removed), O(that service); the
-/// cluster DNS zone is refreshed only if its view changed.
+/// Programs what one service event (or a burst of them) changed: only the
+/// load balancer entries with the keys it touched (each resolved against
+/// the whole table, then the local DNS entry, else removed), O(those
+/// services); then the cluster DNS zone, refreshed only if its view changed.
 fn sync_changed_services(sh: &Shared, applied: &Applied) {
-    let (changes, records) = {
+    program_changed(sh, applied);
+    // After the maps: the zone is rebuilt whole, O(services).
+    if let Some(dns) = &sh.dns
+        && applied.dns
+    {
+        let records = sh
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .dns_records();
+        dns.zone.set(records);
+    }
+}
+
+/// Programs the load balancer entries (and `NodePort` services) that
+/// `applied` touched.
+fn program_changed(sh: &Shared, applied: &Applied) {
+    let Some(lb) = &sh.lb else { return };
+    let changes: Vec<Change> = {
         let t = sh
             .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let local = sh.dns.as_ref().map(super::ClusterDns::local_specs);
-        let changes: Vec<Change> = applied
+        applied
             .lb_keys
             .iter()
             .map(|key| {
@@ -329,14 +394,8 @@ fn sync_changed_services(sh: &Shared, applied: &Applied) {
                     .or_else(|| local.iter().flatten().find(|s| s.key() == *key))
                     .map_or(Change::Remove(*key), |s| Change::Put(s.clone()))
             })
-            .collect();
-        let records = (applied.dns && sh.dns.is_some()).then(|| t.dns_records());
-        (changes, records)
+            .collect()
     };
-    if let (Some(dns), Some(records)) = (&sh.dns, records) {
-        dns.zone.set(records);
-    }
-    let Some(lb) = &sh.lb else { return };
     if applied.nodeports {
         let nodeports = sh
             .services

@@ -9,6 +9,7 @@ mod baseline;
 mod density;
 mod env;
 mod lb;
+mod lb_programming;
 mod pod_start;
 mod probe;
 mod scheduler;
@@ -84,6 +85,20 @@ enum Which {
         #[arg(long)]
         dev: bool,
     },
+    /// Service programming end to end on real processes: a Service or
+    /// `EndpointSlice` change through weir-control's API → the agent → the
+    /// node's pinned maps (single changes, load, agent restart, new node).
+    LbProgramming {
+        /// Services loaded (4 endpoints each).
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Single endpoint changes timed.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Build in the dev profile instead of release (shared machines).
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -115,6 +130,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 dev: *dev,
             });
         }
+        Which::LbProgramming {
+            services,
+            changes,
+            dev,
+        } => {
+            ensure!(*services >= 1, "--services must be at least 1");
+            ensure!(*changes >= 1, "--changes must be at least 1");
+            crate::setup::setup()?;
+            return lb_programming::run(*services, *changes, *dev);
+        }
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -134,7 +159,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Which::Density { pods, idle_secs } => {
             density::run(&agent, &image, pods, Duration::from_secs(idle_secs))
         }
-        Which::Scheduler { .. } | Which::Api | Which::ControlRss | Which::Lb { .. } => {
+        Which::Scheduler { .. }
+        | Which::Api
+        | Which::ControlRss
+        | Which::Lb { .. }
+        | Which::LbProgramming { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
     }
@@ -151,7 +180,8 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
         Which::PodStart { .. }
         | Which::Density { .. }
         | Which::Scheduler { .. }
-        | Which::Lb { .. } => {
+        | Which::Lb { .. }
+        | Which::LbProgramming { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
     }
