@@ -84,6 +84,11 @@ enum Which {
         /// release (shared machines).
         #[arg(long)]
         dev: bool,
+        /// Skip the end-to-end programming part (weir-control + agents,
+        /// `bench lb-programming`); the target then uses the in-process
+        /// figures only and says so.
+        #[arg(long)]
+        no_e2e: bool,
     },
     /// Service programming end to end on real processes: a Service or
     /// `EndpointSlice` change through weir-control's API → the agent → the
@@ -121,6 +126,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             services,
             changes,
             dev,
+            no_e2e,
         } => {
             ensure!(*services >= 2, "--services must be at least 2");
             crate::setup::setup()?;
@@ -128,6 +134,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 services: *services,
                 changes: *changes,
                 dev: *dev,
+                e2e: !*no_e2e,
             });
         }
         Which::LbProgramming {
