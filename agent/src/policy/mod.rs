@@ -283,13 +283,16 @@ impl PolicyEntry {
     }
 }
 
-/// Which TCX hook of the host-side veth each program sits on, where in the
-/// chain, and the name of its link pin. From the pod: after the traffic
-/// counters (which count what the pod sent, dropped or not); to the pod:
-/// before them (they count what was delivered).
-const HOOKS: [(&str, TcAttachType, bool, &str); 2] = [
-    (PROG_POL_FROM_POD, TcAttachType::Ingress, false, "from"),
-    (PROG_POL_TO_POD, TcAttachType::Egress, true, "to"),
+/// Which TCX hook of the host-side veth each program sits on, and the
+/// name of its link pin. Both go first in their chain: an allowed packet
+/// returns `TC_ACT_UNSPEC` (`TCX_NEXT`) and the programs after them (the
+/// traffic counters) run; a dropped one goes no further, so the counters
+/// count what policy let through. (A program returning anything but
+/// `TCX_NEXT`, `TC_ACT_PIPE` included, ends the chain: after the counters the
+/// policy would never run.)
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (PROG_POL_FROM_POD, TcAttachType::Ingress, "from"),
+    (PROG_POL_TO_POD, TcAttachType::Egress, "to"),
 ];
 
 /// The policy programs and their maps on one node.
@@ -328,7 +331,7 @@ impl PolicyDataplane {
     fn link_pin(&self, iface: &str, hook: &str) -> PathBuf {
         self.pin_dir
             .join("pol-links")
-            .join(format!("{iface}.{hook}"))
+            .join(format!("{iface}-{hook}"))
     }
 
     /// Attaches both programs to pod veth `iface` (host side), adopting
@@ -336,7 +339,7 @@ impl PolicyDataplane {
     /// programs pass everything.
     pub fn attach(&self, iface: &str) -> Result<(), PolicyError> {
         let mut ebpf = self.ebpf.lock().expect("policy programs lock poisoned");
-        for (prog, attach, first, hook) in HOOKS {
+        for (prog, attach, hook) in HOOKS {
             let p = program(&mut ebpf, prog)?;
             let pin = self.link_pin(iface, hook);
             let id = match PinnedLink::from_pin(&pin) {
@@ -349,12 +352,8 @@ impl PolicyDataplane {
                 }
                 Err(e) if !pin.exists() => {
                     drop(e);
-                    let order = if first {
-                        LinkOrder::first()
-                    } else {
-                        LinkOrder::last()
-                    };
-                    p.attach_with_options(iface, attach, TcAttachOptions::TcxOrder(order))
+                    let order = TcAttachOptions::TcxOrder(LinkOrder::first());
+                    p.attach_with_options(iface, attach, order)
                         .map_err(prog_err("attach", prog, iface))?
                 }
                 Err(e) => return Err(link_err("open pinned", &pin, e)),
@@ -397,7 +396,7 @@ impl PolicyDataplane {
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                Some(name.rsplit_once('.')?.0.to_owned())
+                Some(name.rsplit_once('-')?.0.to_owned())
             })
             .collect();
         out.sort();

@@ -16,6 +16,8 @@ use weir_common::{FlowKey, PROTO_TCP, PROTO_UDP};
 /// The object the agent embeds (same build script output).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
 
+/// `TC_ACT_UNSPEC` (-1): TCX runs the next program.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_PIPE: u32 = 3;

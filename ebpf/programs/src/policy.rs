@@ -16,11 +16,13 @@
 //! reason. A flow started in a direction that is not enforced still gets an
 //! entry when the other direction is, so its replies pass there.
 //!
-//! Allowed packets return `TC_ACT_PIPE`: later TCX programs (the traffic
-//! counters) still see them.
+//! Allowed packets return `TC_ACT_UNSPEC` (TCX_NEXT): the next TCX program
+//! (the traffic counters) runs. Any other code ends the TCX chain there —
+//! `TC_ACT_PIPE` included — so the agent attaches these programs first on
+//! both hooks and the counters count what policy let through.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -78,7 +80,7 @@ pub fn weir_pol_to_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn verdict(ctx: &TcContext, dir: u8) -> i32 {
     match decide(ctx, dir) {
-        Ok(()) => TC_ACT_PIPE,
+        Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             if let Some(c) = WEIR_DROPS_V1.get_ptr_mut(reason as u32) {
                 // SAFETY: this CPU's slot of a live array element.
