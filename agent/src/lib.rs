@@ -2,9 +2,9 @@
 //!
 //! Modules by concern: `cri` talks to containerd (images, containers, tasks,
 //! events), `net` does pod networking through netlink, `dataplane` loads and
-//! adopts the eBPF programs and pinned maps, `pod` runs the per-pod lifecycle, `policy` enforces network policy (TC
-//! programs on pod veths and their maps),
-//! `standalone` turns a manifest directory into desired pods, `control`
+//! adopts the eBPF programs and pinned maps, `pod` runs the per-pod lifecycle,
+//! `policy` enforces network policy (TC programs on pod veths and their
+//! maps), `standalone` turns a manifest directory into desired pods, `control`
 //! follows weir-control (register, heartbeat, node watch, status reports), `http` serves
 //! metrics, pod status and logs, `dns` answers the cluster domain (control mode).
 
