@@ -15,9 +15,10 @@
 //! Everything is pinned under `/sys/fs/bpf/wptr-<pid>-<test>/`, removed on
 //! drop. The cgroup `sock_addr` programs cannot be test-run.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
@@ -25,7 +26,6 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use weir_agent::{
     dataplane::Dataplane,
@@ -38,181 +38,20 @@ use weir_common::{
     PROTO_UDP, SvcKey,
 };
 
-/// The object the agent embeds (same build script output).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_PIPE: u32 = 3;
-const TC_ACT_REDIRECT: u32 = 7;
+use common::{
+    CLIENT_MAC, NODE_MAC, OBJECT, Pkt, TC_ACT_OK, TC_ACT_PIPE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    assert_csums, assert_same, be_ip, classifier, frame, ones_sum, run,
+};
 
 const NODE: &str = "wptr-node";
 const OTHER: &str = "wptr-other";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const NODE_PORT: u16 = 30080;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// The next hop a remote backend's reply comes from.
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 
 // ---------------------------------------------------------------- frames
-
-/// The addresses of a crafted frame.
-#[derive(Clone, Copy, Debug)]
-struct Pkt {
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    proto: u8,
-    /// UDP sent without a checksum (0).
-    no_udp_csum: bool,
-}
-
-impl Pkt {
-    fn new(proto: u8, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self {
-            smac: CLIENT_MAC,
-            dmac: NODE_MAC,
-            src,
-            dst,
-            proto,
-            no_udp_csum: false,
-        }
-    }
-
-    /// The flow key the programs read from this frame.
-    fn key(&self) -> FlowKey {
-        FlowKey {
-            saddr: be_ip(*self.src.ip()),
-            daddr: be_ip(*self.dst.ip()),
-            sport: self.src.port().to_be(),
-            dport: self.dst.port().to_be(),
-            proto: self.proto,
-            pad: [0; 3],
-        }
-    }
-}
-
-fn be_ip(ip: Ipv4Addr) -> u32 {
-    u32::from(ip).to_be()
-}
-
-/// The one's complement sum of `data` as 16-bit big-endian words, folded.
-fn ones_sum(mut acc: u32, data: &[u8]) -> u16 {
-    for w in data.chunks(2) {
-        let hi = u32::from(w[0]) << 8;
-        acc += hi | w.get(1).copied().map_or(0, u32::from);
-    }
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    u16::try_from(acc).expect("folded")
-}
-
-/// The pseudo-header sum of IPv4 frame `f`'s L4 segment.
-fn pseudo_sum(f: &[u8]) -> u32 {
-    let l4_len = f.len() - 34;
-    let mut acc = 0u32;
-    for w in f[26..34].chunks(2) {
-        acc += (u32::from(w[0]) << 8) | u32::from(w[1]);
-    }
-    acc + u32::from(f[23]) + u32::try_from(l4_len).expect("small frame")
-}
-
-/// The offset of frame `f`'s L4 checksum.
-fn l4_csum_off(f: &[u8]) -> usize {
-    if f[23] == PROTO_TCP { 34 + 16 } else { 34 + 6 }
-}
-
-/// An Ethernet/IPv4 (no options, DF)/TCP or UDP frame with correct
-/// checksums.
-fn frame(p: &Pkt, payload: &[u8]) -> Vec<u8> {
-    let l4_len = if p.proto == PROTO_TCP { 20 } else { 8 } + payload.len();
-    let total = u16::try_from(20 + l4_len).expect("small frame");
-    let mut f = Vec::with_capacity(34 + l4_len);
-    f.extend(p.dmac);
-    f.extend(p.smac);
-    f.extend(0x0800u16.to_be_bytes());
-    f.extend([0x45, 0]);
-    f.extend(total.to_be_bytes());
-    f.extend(0x1c46u16.to_be_bytes());
-    f.extend(0x4000u16.to_be_bytes());
-    f.extend([64, p.proto, 0, 0]);
-    f.extend(p.src.ip().octets());
-    f.extend(p.dst.ip().octets());
-    let c = !ones_sum(0, &f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f.extend(p.src.port().to_be_bytes());
-    f.extend(p.dst.port().to_be_bytes());
-    if p.proto == PROTO_TCP {
-        f.extend(0x0102_0304u32.to_be_bytes()); // seq
-        f.extend(0x0a0b_0c0du32.to_be_bytes()); // ack
-        f.extend([0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // PSH|ACK
-    } else {
-        f.extend(u16::try_from(l4_len).expect("small").to_be_bytes());
-        f.extend([0, 0]);
-    }
-    f.extend(payload);
-    if !(p.proto == PROTO_UDP && p.no_udp_csum) {
-        let mut c = !ones_sum(pseudo_sum(&f), &f[34..]);
-        if c == 0 && p.proto == PROTO_UDP {
-            c = 0xffff;
-        }
-        let off = l4_csum_off(&f);
-        f[off..off + 2].copy_from_slice(&c.to_be_bytes());
-    }
-    f
-}
-
-/// Asserts `f`'s IP header and L4 checksums are right (a UDP checksum of 0
-/// only if `udp_zero` — "none" — is expected).
-fn assert_csums(f: &[u8], udp_zero: bool, what: &str) {
-    assert_eq!(
-        ones_sum(0, &f[14..34]),
-        0xffff,
-        "{what}: IP header checksum"
-    );
-    let off = l4_csum_off(f);
-    let c = u16::from_be_bytes([f[off], f[off + 1]]);
-    if f[23] == PROTO_UDP && udp_zero {
-        assert_eq!(c, 0, "{what}: a UDP checksum of 0 stays 0");
-        return;
-    }
-    assert_ne!(c, 0, "{what}: L4 checksum is set");
-    assert_eq!(
-        ones_sum(pseudo_sum(f), &f[34..]),
-        0xffff,
-        "{what}: L4 checksum (pseudo header and segment)"
-    );
-}
-
-/// Asserts `got` equals `want` in every byte but the two checksums (which
-/// [`assert_csums`] checks: incremental updates may give the other zero).
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    let mask = |f: &[u8]| {
-        let mut f = f.to_vec();
-        if f.len() >= 34 {
-            let off = l4_csum_off(&f);
-            f[24..26].fill(0);
-            f[off..off + 2].fill(0);
-        }
-        f
-    };
-    assert_eq!(
-        hex(&mask(got)),
-        hex(&mask(want)),
-        "{what}: frame (checksums masked)"
-    );
-}
-
-fn hex(f: &[u8]) -> String {
-    f.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
 
 /// The destination (or source) address of IPv4 frame `f`.
 fn dst_of(f: &[u8]) -> SocketAddrV4 {
@@ -397,32 +236,6 @@ impl Rig {
                 .expect("table reader")
         })
     }
-}
-
-fn classifier<'a>(ebpf: &'a mut Ebpf, prog: &str) -> &'a mut SchedClassifier {
-    ebpf.program_mut(prog)
-        .expect("program in object")
-        .try_into()
-        .expect("a classifier")
-}
-
-/// Runs `prog` once on frame `f`: its return code and the frame after it.
-fn run(ebpf: &Ebpf, prog: &str, f: &[u8]) -> (u32, Vec<u8>) {
-    let p: &SchedClassifier = ebpf
-        .program(prog)
-        .expect("program in object")
-        .try_into()
-        .expect("a classifier");
-    let mut out = vec![0u8; f.len() + 256];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(f),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog} on {} bytes: {e:?}", f.len()));
-    out.truncate(usize::try_from(r.data_size_out).expect("size"));
-    (r.return_value, out)
 }
 
 fn spec(node_port: u16, proto: Protocol, local: bool, bs: &[(SocketAddrV4, &str)]) -> NodePortSpec {

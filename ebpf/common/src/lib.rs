@@ -318,6 +318,241 @@ impl core::ops::Add for TrafficCounters {
     }
 }
 
+// ------------------------------------------------------------ network policy
+
+/// Name of the LPM trie IP/CIDR → [`IpCacheValue`] (key: a prefix length and
+/// an IPv4 address in network order, `aya`'s `lpm_trie::Key<u32>`).
+pub const IPCACHE_MAP: &str = "weir_ipcache_v1";
+/// Name of the map of policy endpoints: ifindex of a pod's host-side veth
+/// (u32, host order) → [`EndpointConfig`].
+pub const POL_EP_MAP: &str = "weir_pol_ep_v1";
+/// Name of the map of allowed (endpoint, peer, port, protocol, direction):
+/// [`PolicyKey`] → [`PolicyValue`].
+pub const POL_MAP: &str = "weir_pol_v1";
+/// Name of the LRU connection-tracking map: [`CtKey`] → [`CtValue`].
+pub const CT_MAP: &str = "weir_ct_v1";
+/// Name of the per-CPU array of policy drop counters, indexed by
+/// [`DropReason`] (u64 packets).
+pub const DROPS_MAP: &str = "weir_drops_v1";
+/// Name of the TC program enforcing a pod's Egress policy (host-side veth,
+/// TCX ingress: packets the pod sent).
+pub const PROG_POL_FROM_POD: &str = "weir_pol_from_pod";
+/// Name of the TC program enforcing a pod's Ingress policy (host-side veth,
+/// TCX egress: packets delivered to the pod).
+pub const PROG_POL_TO_POD: &str = "weir_pol_to_pod";
+
+/// Maximum number of ipcache prefixes per node.
+pub const IPCACHE_MAP_ENTRIES: u32 = 65_536;
+/// Maximum number of policy endpoints (pod veths) per node.
+pub const POL_EP_MAP_ENTRIES: u32 = 4096;
+/// Maximum number of policy entries per node, summed over endpoints.
+pub const POL_MAP_ENTRIES: u32 = 262_144;
+/// Number of tracked connections (LRU: the least recently used go first).
+pub const CT_MAP_ENTRIES: u32 = 262_144;
+/// Length of [`DROPS_MAP`]: one more than the largest [`DropReason`].
+pub const DROP_REASONS: u32 = 8;
+
+/// Identity in a [`PolicyKey`] that matches any peer (never a real identity).
+pub const ID_ANY: u32 = 0;
+/// Identity of the node itself (its own addresses).
+pub const ID_HOST: u32 = 1;
+/// Identity of any address the ipcache does not hold.
+pub const ID_WORLD: u32 = 2;
+/// Identity of another node's addresses.
+pub const ID_REMOTE_NODE: u32 = 3;
+/// The first identity the control allocates for pods; 4..256 are reserved.
+pub const ID_POD_MIN: u32 = 256;
+/// The first CIDR identity (allocated by the agent for `ipBlock`s); every
+/// identity from here up is a CIDR identity.
+pub const ID_CIDR_MIN: u32 = 1 << 24;
+
+/// [`EndpointConfig::flags`] bit: some policy selects the pod for Ingress.
+pub const EP_F_INGRESS: u32 = 1;
+/// [`EndpointConfig::flags`] bit: some policy selects the pod for Egress.
+pub const EP_F_EGRESS: u32 = 2;
+/// [`EndpointConfig::flags`] bit: drop IPv4 packets the pod sends from any
+/// source but [`EndpointConfig::pod_ip`] (anti-spoofing).
+pub const EP_F_SOURCE_CHECK: u32 = 4;
+
+/// [`PolicyKey::dir`] / [`CtKey::dir`]: towards the pod (its Ingress policy).
+pub const DIR_INGRESS: u8 = 0;
+/// [`PolicyKey::dir`] / [`CtKey::dir`]: from the pod (its Egress policy).
+pub const DIR_EGRESS: u8 = 1;
+
+/// [`CtValue::flags`] bit: a packet of the other direction passed.
+pub const CT_F_REPLY_SEEN: u32 = 1;
+/// [`CtValue::flags`] bit: a TCP FIN was seen.
+pub const CT_F_FIN: u32 = 2;
+/// [`CtValue::flags`] bit: a TCP RST was seen.
+pub const CT_F_RST: u32 = 4;
+/// [`CtValue::flags`] bit: created in a direction that was not enforced,
+/// only so replies pass the other, enforced, direction.
+pub const CT_F_UNENFORCED: u32 = 8;
+/// [`CtValue::rule`] of an entry no policy entry allowed ([`CT_F_UNENFORCED`]).
+pub const CT_RULE_NONE: u32 = u32::MAX;
+
+/// [`IpCacheValue::flags`] bit: an `ipBlock` names this very prefix
+/// (`cidr_identity` is its own, not inherited from a shorter prefix).
+pub const IPCACHE_F_CIDR: u32 = 1;
+
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+
+/// Value of [`IPCACHE_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpCacheValue {
+    /// The prefix's identity: a pod's, [`ID_HOST`], [`ID_REMOTE_NODE`], or,
+    /// for a prefix only an `ipBlock` names, its CIDR identity (host order).
+    pub identity: u32,
+    /// The CIDR identity of the longest `ipBlock` prefix holding this one
+    /// (itself included), 0 if none: how an `ipBlock` matches a pod IP that
+    /// has its own /32 (host order).
+    pub cidr_identity: u32,
+    /// [`IPCACHE_F_CIDR`] and future bits (host order).
+    pub flags: u32,
+}
+
+/// Value of [`POL_EP_MAP`]: a pod's policy state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointConfig {
+    /// The pod's identity (host order).
+    pub identity: u32,
+    /// The pod's IPv4 address, network byte order.
+    pub pod_ip: u32,
+    /// [`EP_F_INGRESS`], [`EP_F_EGRESS`], [`EP_F_SOURCE_CHECK`] (host order).
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Key of [`POL_MAP`]: an entry allows (a `NetworkPolicy` only allows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// ifindex of the endpoint's host-side veth (host order).
+    pub ep: u32,
+    /// The peer's identity, [`ID_ANY`] for any peer (host order).
+    pub identity: u32,
+    /// Destination port, 0 = any (host order).
+    pub port: u16,
+    /// IP protocol, 0 = any.
+    pub proto: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+}
+
+/// Value of [`POL_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// Index of the rule (`NetworkPolicy`) that allows, for flow records (host order).
+    pub rule: u32,
+    /// Zero (future bits).
+    pub flags: u32,
+}
+
+/// Key of [`CT_MAP`]: a flow at one endpoint, in the direction of its
+/// first packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// ifindex of the endpoint's host-side veth (host order).
+    pub ep: u32,
+    /// Source address of the first packet, network byte order.
+    pub saddr: u32,
+    /// Destination address of the first packet, network byte order.
+    pub daddr: u32,
+    /// Source port (ICMP echo: the identifier), network byte order.
+    pub sport: u16,
+    /// Destination port (ICMP echo: the identifier), network byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Direction of the first packet: [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Value of [`CT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of the first packet.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the latest packet.
+    pub last_ns: u64,
+    /// [`CT_F_REPLY_SEEN`], [`CT_F_FIN`], [`CT_F_RST`], [`CT_F_UNENFORCED`].
+    pub flags: u32,
+    /// [`PolicyValue::rule`] of the entry that allowed the flow, or
+    /// [`CT_RULE_NONE`] (host order).
+    pub rule: u32,
+}
+
+/// Why a policy program dropped a packet: the index into [`DROPS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// No policy entry allows a new flow to the pod.
+    PolicyDeniedIngress = 1,
+    /// No policy entry allows a new flow from the pod.
+    PolicyDeniedEgress = 2,
+    /// A flow that needed a conntrack entry could not get one.
+    CtMapFull = 3,
+    /// An IPv4 packet too short for its headers.
+    Malformed = 4,
+    /// An IPv4 fragment (its ports cannot be known) in an enforced direction.
+    Fragment = 5,
+    /// Neither IPv4 nor ARP in an enforced direction (weir is IPv4 only).
+    NotIpv4 = 6,
+    /// The pod sent from an address that is not its own.
+    SourceSpoofed = 7,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [Self; 7] = [
+        Self::PolicyDeniedIngress,
+        Self::PolicyDeniedEgress,
+        Self::CtMapFull,
+        Self::Malformed,
+        Self::Fragment,
+        Self::NotIpv4,
+        Self::SourceSpoofed,
+    ];
+
+    /// The reason's name as metrics and flow records print it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PolicyDeniedIngress => "POLICY_DENIED_INGRESS",
+            Self::PolicyDeniedEgress => "POLICY_DENIED_EGRESS",
+            Self::CtMapFull => "CT_MAP_FULL",
+            Self::Malformed => "MALFORMED",
+            Self::Fragment => "FRAGMENT",
+            Self::NotIpv4 => "NOT_IPV4",
+            Self::SourceSpoofed => "SOURCE_SPOOFED",
+        }
+    }
+
+    /// The reason with index `i`, if there is one.
+    #[must_use]
+    pub const fn from_index(i: u32) -> Option<Self> {
+        match i {
+            1 => Some(Self::PolicyDeniedIngress),
+            2 => Some(Self::PolicyDeniedEgress),
+            3 => Some(Self::CtMapFull),
+            4 => Some(Self::Malformed),
+            5 => Some(Self::Fragment),
+            6 => Some(Self::NotIpv4),
+            7 => Some(Self::SourceSpoofed),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are repr(C), Copy, have no padding and every bit
@@ -352,6 +587,19 @@ mod user {
     unsafe impl aya::Pod for super::NpRev {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NpSnat {}
+    // SAFETY: the policy types are repr(C), Copy, with explicit padding
+    // fields (no implicit padding) and every bit pattern is valid.
+    unsafe impl aya::Pod for super::IpCacheValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtValue {}
 }
 
 #[cfg(test)]
@@ -420,6 +668,49 @@ mod tests {
         assert_eq!(size_of::<NpSnat>(), 8);
         assert_eq!(offset_of!(NpSnat, port), 4);
         assert_eq!(offset_of!(NpSnat, pad), 6);
+    }
+
+    #[test]
+    fn policy_layouts_are_pinned() {
+        use super::{CtKey, CtValue, DROP_REASONS, DropReason, EndpointConfig, IpCacheValue};
+        use super::{PolicyKey, PolicyValue};
+        assert_eq!(size_of::<IpCacheValue>(), 12);
+        assert_eq!(offset_of!(IpCacheValue, identity), 0);
+        assert_eq!(offset_of!(IpCacheValue, cidr_identity), 4);
+        assert_eq!(offset_of!(IpCacheValue, flags), 8);
+        assert_eq!(size_of::<EndpointConfig>(), 16);
+        assert_eq!(offset_of!(EndpointConfig, identity), 0);
+        assert_eq!(offset_of!(EndpointConfig, pod_ip), 4);
+        assert_eq!(offset_of!(EndpointConfig, flags), 8);
+        assert_eq!(offset_of!(EndpointConfig, pad), 12);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(offset_of!(PolicyKey, ep), 0);
+        assert_eq!(offset_of!(PolicyKey, identity), 4);
+        assert_eq!(offset_of!(PolicyKey, port), 8);
+        assert_eq!(offset_of!(PolicyKey, proto), 10);
+        assert_eq!(offset_of!(PolicyKey, dir), 11);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(offset_of!(PolicyValue, rule), 0);
+        assert_eq!(offset_of!(PolicyValue, flags), 4);
+        assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(offset_of!(CtKey, ep), 0);
+        assert_eq!(offset_of!(CtKey, saddr), 4);
+        assert_eq!(offset_of!(CtKey, daddr), 8);
+        assert_eq!(offset_of!(CtKey, sport), 12);
+        assert_eq!(offset_of!(CtKey, dport), 14);
+        assert_eq!(offset_of!(CtKey, proto), 16);
+        assert_eq!(offset_of!(CtKey, dir), 17);
+        assert_eq!(offset_of!(CtKey, pad), 18);
+        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(offset_of!(CtValue, created_ns), 0);
+        assert_eq!(offset_of!(CtValue, last_ns), 8);
+        assert_eq!(offset_of!(CtValue, flags), 16);
+        assert_eq!(offset_of!(CtValue, rule), 20);
+        for r in DropReason::ALL {
+            assert_eq!(DropReason::from_index(r as u32), Some(r));
+            assert!((r as u32) < DROP_REASONS, "{r:?} fits the drops array");
+        }
+        assert_eq!(DropReason::from_index(0), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod lb;
 mod nodeport;
+mod policy;
 
 use aya_ebpf::{
     bindings::TC_ACT_PIPE,
