@@ -15,6 +15,13 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("weir-ebpf manifest has no parent directory"))?;
+    // aya-build watches the programs' own directory; the map types they
+    // share with the agent live next to it and change the object too.
+    let common = root_dir
+        .parent()
+        .ok_or_else(|| anyhow!("weir-ebpf has no parent directory"))?
+        .join("common");
+    println!("cargo:rerun-if-changed={common}");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),
