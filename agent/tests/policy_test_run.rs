@@ -528,7 +528,7 @@ fn ipblock_with_except() {
         // Host bits in the CIDR are masked (the API stores "as written").
         for (c, id) in [("10.9.8.77/24", block), ("10.9.8.0/28", except)] {
             rig.dp
-                .upsert_ipcache(c.parse().expect("cidr"), id)
+                .upsert_ipcache(Cidr::parse_masked(c).expect("cidr"), id)
                 .expect("upsert cidr");
         }
         rig.dp
@@ -1048,7 +1048,7 @@ fn adoption_keeps_state() {
             .ipcache()
             .expect("ipcache")
             .into_iter()
-            .find(|(c, _)| c.prefix_len() == 32 && c.addr() == Ipv4Addr::new(10, 9, 0, 5))
+            .find(|(c, _)| c.prefix == 32 && c.addr == Ipv4Addr::new(10, 9, 0, 5))
             .expect("entry")
             .1;
         assert_eq!((v.identity, v.cidr_identity), (700, ID_CIDR_MIN + 1));

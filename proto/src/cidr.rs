@@ -45,6 +45,27 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// The prefix of length `prefix` holding `addr`, its host bits cleared
+    /// (how a `NetworkPolicy` ipBlock "10.1.2.3/16" is read: 10.1.0.0/16).
+    pub fn masked(addr: Ipv4Addr, prefix: u8) -> Result<Self, CidrError> {
+        let all = Cidr {
+            addr: Ipv4Addr::UNSPECIFIED,
+            prefix: prefix.min(32),
+        };
+        Cidr::new(Ipv4Addr::from(u32::from(addr) & all.mask()), prefix)
+    }
+
+    /// The single address `addr` (/32).
+    pub fn host(addr: Ipv4Addr) -> Self {
+        Cidr { addr, prefix: 32 }
+    }
+
+    /// Parses "a.b.c.d/n" clearing host bits (see [`Cidr::masked`]); plain
+    /// parsing refuses them.
+    pub fn parse_masked(s: &str) -> Result<Self, CidrError> {
+        parse(s, Cidr::masked)
+    }
+
     /// The netmask as a host-order integer.
     pub fn mask(&self) -> u32 {
         u32::MAX
@@ -78,23 +99,28 @@ impl FromStr for Cidr {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| CidrError {
-            input: s.to_owned(),
-            reason,
-        };
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| err("expected <address>/<prefix length>"))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
-        // u8::from_str accepts a leading '+'; a prefix is plain digits.
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err("prefix length must be 0..=32"));
-        }
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| err("prefix length must be 0..=32"))?;
-        Cidr::new(addr, prefix).map_err(|e| err(e.reason))
+        parse(s, Cidr::new)
     }
+}
+
+/// Splits "a.b.c.d/n" and builds the prefix with `make`.
+fn parse(s: &str, make: fn(Ipv4Addr, u8) -> Result<Cidr, CidrError>) -> Result<Cidr, CidrError> {
+    let err = |reason| CidrError {
+        input: s.to_owned(),
+        reason,
+    };
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| err("expected <address>/<prefix length>"))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
+    // u8::from_str accepts a leading '+'; a prefix is plain digits.
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err("prefix length must be 0..=32"));
+    }
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|_| err("prefix length must be 0..=32"))?;
+    make(addr, prefix).map_err(|e| err(e.reason))
 }
 
 impl serde::Serialize for Cidr {
@@ -129,6 +155,22 @@ mod tests {
         assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
         let host: Cidr = "10.0.0.1/32".parse().unwrap();
         assert_eq!(host.last(), host.addr);
+    }
+
+    #[test]
+    fn masked_clears_host_bits_and_plain_parsing_refuses_them() {
+        let m = Cidr::parse_masked("10.1.2.3/16").unwrap();
+        assert_eq!(m, Cidr::new(Ipv4Addr::new(10, 1, 0, 0), 16).unwrap());
+        assert!("10.1.2.3/16".parse::<Cidr>().is_err());
+        assert_eq!(
+            Cidr::masked(Ipv4Addr::new(1, 2, 3, 4), 0)
+                .unwrap()
+                .to_string(),
+            "0.0.0.0/0"
+        );
+        assert!(Cidr::masked(Ipv4Addr::LOCALHOST, 33).is_err());
+        assert!(Cidr::parse_masked("10.0.0.0").is_err());
+        assert_eq!(Cidr::host(Ipv4Addr::LOCALHOST).to_string(), "127.0.0.1/32");
     }
 
     #[test]

@@ -113,8 +113,8 @@ impl IpCacheMirror {
 
     /// The CIDR identity of the longest `ipBlock` prefix holding `c`.
     fn covering_cidr(&self, c: Cidr) -> Option<u32> {
-        (0..=c.len).rev().find_map(|len| {
-            let outer = Cidr::new(c.addr, len).ok()?;
+        (0..=c.prefix).rev().find_map(|len| {
+            let outer = Cidr::masked(c.addr, len).ok()?;
             self.slots.get(&outer)?.cidr
         })
     }
@@ -143,7 +143,7 @@ mod tests {
     use super::*;
 
     fn c(s: &str) -> Cidr {
-        s.parse().expect("cidr")
+        Cidr::parse_masked(s).expect("cidr")
     }
 
     const POD: u32 = 300;

@@ -116,7 +116,7 @@ fn gone(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn lpm_key(c: Cidr) -> Key<u32> {
-    Key::new(u32::from(c.prefix_len()), u32::from(c.addr()).to_be())
+    Key::new(u32::from(c.prefix), u32::from(c.addr).to_be())
 }
 
 impl Maps {

@@ -18,10 +18,9 @@ mod ipcache;
 mod maps;
 
 use std::{
-    fmt, io,
+    io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    str::FromStr,
     sync::Mutex,
 };
 
@@ -87,89 +86,12 @@ pub enum PolicyError {
         /// The error.
         source: io::Error,
     },
-    /// A CIDR that is not one.
-    #[error("invalid CIDR {input:?}: {reason}")]
-    Cidr {
-        /// What was given.
-        input: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    /// A prefix was not a valid IPv4 CIDR.
+    #[error(transparent)]
+    Cidr(#[from] weir_proto::cidr::CidrError),
 }
 
-/// An IPv4 prefix with its host bits cleared ("10.1.2.3/16" is 10.1.0.0/16).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    addr: Ipv4Addr,
-    len: u8,
-}
-
-impl Cidr {
-    /// The prefix of length `len` holding `addr`; `len` must be ≤ 32.
-    pub fn new(addr: Ipv4Addr, len: u8) -> Result<Self, PolicyError> {
-        if len > 32 {
-            return Err(PolicyError::Cidr {
-                input: format!("{addr}/{len}"),
-                reason: "prefix length above 32",
-            });
-        }
-        Ok(Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask(len)),
-            len,
-        })
-    }
-
-    /// A single address (/32).
-    #[must_use]
-    pub fn host(addr: Ipv4Addr) -> Self {
-        Self { addr, len: 32 }
-    }
-
-    /// The network address.
-    #[must_use]
-    pub fn addr(&self) -> Ipv4Addr {
-        self.addr
-    }
-
-    /// The prefix length.
-    #[must_use]
-    pub fn prefix_len(&self) -> u8 {
-        self.len
-    }
-
-    /// Whether `ip` is inside the prefix.
-    #[must_use]
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & mask(self.len) == u32::from(self.addr)
-    }
-}
-
-fn mask(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = PolicyError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| PolicyError::Cidr {
-            input: s.to_owned(),
-            reason,
-        };
-        let (addr, len) = s.split_once('/').ok_or_else(|| bad("no /length"))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
-        let len: u8 = len
-            .parse()
-            .map_err(|_| bad("prefix length is not a number"))?;
-        Self::new(addr, len)
-    }
-}
+pub use weir_proto::cidr::Cidr;
 
 /// A direction of a pod's traffic, as a `NetworkPolicy` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
