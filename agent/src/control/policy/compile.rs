@@ -22,7 +22,7 @@
 //!   10.96.0.10 through the socket load balancer, which rewrites it to
 //!   node IP:53 before the packet reaches the veth, so the policy sees
 //!   the host identity). For egress selectors weir's DNS is a virtual pod
-//!   in `kube-system` labelled `k8s-app=kube-dns` (CoreDNS's labels) with
+//!   in `kube-system` labelled `k8s-app=kube-dns` (`CoreDNS`'s labels) with
 //!   named ports `dns` (53/UDP) and `dns-tcp` (53/TCP): a peer that would
 //!   select it allows the host identity, on port 53 only.
 //! - **The node may always reach its pods** (probes come from the agent):
@@ -334,7 +334,7 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn warn(&mut self, rule: &PolicyRef, what: String) {
+    fn warn(&mut self, rule: &PolicyRef, what: &str) {
         let w = format!("policy {rule}: {what}");
         if !self.out.warnings.contains(&w) {
             self.out.warnings.push(w);
@@ -349,17 +349,17 @@ impl Compiler<'_> {
         peers: Option<&[NetworkPolicyPeer]>,
         ports: Option<&[NetworkPolicyPort]>,
     ) {
-        let sels = self.port_sels(rule, ports);
+        let selectors = self.port_sels(rule, ports);
         let targets: BTreeSet<Target> = match peers {
             // An empty or absent peer list is any peer.
             None | Some([]) => {
-                self.any_peer(dir, rule, &sels);
+                self.any_peer(dir, rule, &selectors);
                 return;
             }
             Some(peers) => peers.iter().flat_map(|p| self.peer(dir, rule, p)).collect(),
         };
         for (identity, kind) in targets {
-            for sel in &sels {
+            for sel in &selectors {
                 for (port, proto) in self.resolve(dir, rule, sel, identity, kind) {
                     self.push(identity, port, proto, dir, rule);
                 }
@@ -379,8 +379,8 @@ impl Compiler<'_> {
 
     /// A rule without peers: wildcard keys, except named ports, which
     /// resolve per destination.
-    fn any_peer(&mut self, dir: Direction, rule: &PolicyRef, sels: &[PortSel]) {
-        for sel in sels {
+    fn any_peer(&mut self, dir: Direction, rule: &PolicyRef, selectors: &[PortSel]) {
+        for sel in selectors {
             match (sel, dir) {
                 (PortSel::Named(..), Direction::Egress) => {
                     let mut targets: Vec<Target> = self
@@ -411,12 +411,12 @@ impl Compiler<'_> {
             (Some(_), _, _) => {
                 self.warn(
                     rule,
-                    "a peer with an ipBlock and a selector is invalid: it selects nothing".into(),
+                    "a peer with an ipBlock and a selector is invalid: it selects nothing",
                 );
                 Vec::new()
             }
             (None, None, None) => {
-                self.warn(rule, "an empty peer is invalid: it selects nothing".into());
+                self.warn(rule, "an empty peer is invalid: it selects nothing");
                 Vec::new()
             }
             (None, pods, namespaces) => {
@@ -463,7 +463,7 @@ impl Compiler<'_> {
             out.push((ID_HOST, Kind::ClusterDns));
         }
         for w in warnings {
-            self.warn(rule, w);
+            self.warn(rule, &w);
         }
         out
     }
@@ -475,7 +475,7 @@ impl Compiler<'_> {
             Ok(Some(c)) => c,
             Ok(None) => return Vec::new(), // IPv6: pods are IPv4.
             Err(e) => {
-                self.warn(rule, format!("{e}: the block selects nothing"));
+                self.warn(rule, &format!("{e}: the block selects nothing"));
                 return Vec::new();
             }
         };
@@ -485,7 +485,7 @@ impl Compiler<'_> {
                 Ok(Some(c)) => except.push(c),
                 Ok(None) => {}
                 Err(e) => {
-                    self.warn(rule, format!("except {e}: the block selects nothing"));
+                    self.warn(rule, &format!("except {e}: the block selects nothing"));
                     return Vec::new();
                 }
             }
@@ -524,9 +524,7 @@ impl Compiler<'_> {
             let proto_name = p.protocol.as_deref().unwrap_or("TCP");
             let proto = match proto_number(proto_name) {
                 Some(PROTO_SCTP) | None => {
-                    self.warn(
-                        rule,
-                        format!("protocol {proto_name:?} is not enforced by weir (TCP and UDP only): the port allows nothing"),
+                    self.warn(rule, &format!("protocol {proto_name:?} is not enforced by weir (TCP and UDP only): the port allows nothing"),
                     );
                     continue;
                 }
@@ -544,22 +542,18 @@ impl Compiler<'_> {
                         (Some(a), Some(b)) if a <= b && u32::from(b - a) < MAX_RANGE => {
                             out.extend((a..=b).map(|n| PortSel::Port(n, proto)));
                         }
-                        (Some(a), Some(b)) if a <= b => self.warn(
-                            rule,
-                            format!(
+                        (Some(a), Some(b)) if a <= b => self.warn(rule, &format!(
                                 "port range {a}-{b} has {} ports, more than weir expands ({MAX_RANGE}): it allows nothing",
                                 u32::from(b - a) + 1
                             ),
                         ),
-                        _ => self.warn(
-                            rule,
-                            format!("port {n} endPort {end:?} is not a valid range: it allows nothing"),
+                        _ => self.warn(rule, &format!("port {n} endPort {end:?} is not a valid range: it allows nothing"),
                         ),
                     }
                 }
                 (_, Some(end)) => self.warn(
                     rule,
-                    format!("endPort {end} without a numeric port: it allows nothing"),
+                    &format!("endPort {end} without a numeric port: it allows nothing"),
                 ),
             }
         }
@@ -636,9 +630,7 @@ impl Compiler<'_> {
         numbers.sort_unstable();
         numbers.dedup();
         if numbers.len() > 1 {
-            self.warn(
-                rule,
-                format!("pods of identity {identity} name different ports {name:?} ({numbers:?}): all of them are allowed"),
+            self.warn(rule, &format!("pods of identity {identity} name different ports {name:?} ({numbers:?}): all of them are allowed"),
             );
         }
         numbers.into_iter().map(|n| (n, proto)).collect()

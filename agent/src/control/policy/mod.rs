@@ -484,8 +484,8 @@ impl PolicyHub {
     pub fn replace(&self, mut fresh: PolicyData) {
         let changed = {
             let mut d = self.lock();
-            fresh.host_ips = d.host_ips.clone();
-            fresh.cidr_ids = d.cidr_ids.clone();
+            fresh.host_ips.clone_from(&d.host_ips);
+            fresh.cidr_ids.clone_from(&d.cidr_ids);
             fresh.refresh_cidr_ids();
             let changed = *d != fresh;
             *d = fresh;
