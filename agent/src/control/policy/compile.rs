@@ -516,48 +516,52 @@ impl Compiler<'_> {
     /// A rule's ports; an empty or absent list is every port of every
     /// protocol. Invalid ones are skipped (allowing nothing).
     fn port_sels(&mut self, rule: &PolicyRef, ports: Option<&[NetworkPolicyPort]>) -> Vec<PortSel> {
-        let Some(ports) = ports.filter(|p| !p.is_empty()) else {
-            return vec![PortSel::All];
+        match ports {
+            None | Some([]) => vec![PortSel::All],
+            Some(ports) => ports.iter().flat_map(|p| self.port_sel(rule, p)).collect(),
+        }
+    }
+
+    /// One `ports[]` entry.
+    fn port_sel(&mut self, rule: &PolicyRef, p: &NetworkPolicyPort) -> Vec<PortSel> {
+        let name = p.protocol.as_deref().unwrap_or("TCP");
+        let proto = match proto_number(name) {
+            Some(PROTO_SCTP) | None => {
+                let w = format!("protocol {name:?} is not enforced by weir (TCP and UDP only)");
+                self.warn(rule, &format!("{w}: the port allows nothing"));
+                return Vec::new();
+            }
+            Some(n) => n,
         };
-        let mut out = Vec::new();
-        for p in ports {
-            let proto_name = p.protocol.as_deref().unwrap_or("TCP");
-            let proto = match proto_number(proto_name) {
-                Some(PROTO_SCTP) | None => {
-                    self.warn(rule, &format!("protocol {proto_name:?} is not enforced by weir (TCP and UDP only): the port allows nothing"),
-                    );
-                    continue;
-                }
-                Some(n) => n,
-            };
-            match (&p.port, p.end_port) {
-                (None, None) => out.push(PortSel::Proto(proto)),
-                (Some(IntOrString::String(name)), None) => {
-                    out.push(PortSel::Named(name.clone(), proto));
-                }
-                (Some(IntOrString::Int(n)), end) => {
-                    let first = u16::try_from(*n).ok().filter(|n| *n != 0);
-                    let last = end.map_or(first, |e| u16::try_from(e).ok());
-                    match (first, last) {
-                        (Some(a), Some(b)) if a <= b && u32::from(b - a) < MAX_RANGE => {
-                            out.extend((a..=b).map(|n| PortSel::Port(n, proto)));
-                        }
-                        (Some(a), Some(b)) if a <= b => self.warn(rule, &format!(
-                                "port range {a}-{b} has {} ports, more than weir expands ({MAX_RANGE}): it allows nothing",
-                                u32::from(b - a) + 1
-                            ),
-                        ),
-                        _ => self.warn(rule, &format!("port {n} endPort {end:?} is not a valid range: it allows nothing"),
-                        ),
-                    }
-                }
-                (_, Some(end)) => self.warn(
-                    rule,
-                    &format!("endPort {end} without a numeric port: it allows nothing"),
-                ),
+        match (&p.port, p.end_port) {
+            (None, None) => vec![PortSel::Proto(proto)],
+            (Some(IntOrString::String(name)), None) => vec![PortSel::Named(name.clone(), proto)],
+            (Some(IntOrString::Int(n)), end) => self.range(rule, *n, end, proto),
+            (_, Some(end)) => {
+                let w = format!("endPort {end} without a numeric port: it allows nothing");
+                self.warn(rule, &w);
+                Vec::new()
             }
         }
-        out
+    }
+
+    /// A numeric port, or the range `first..=end` expanded (at most
+    /// [`MAX_RANGE`] ports).
+    fn range(&mut self, rule: &PolicyRef, first: i32, end: Option<i32>, proto: u8) -> Vec<PortSel> {
+        let a = u16::try_from(first).ok().filter(|n| *n != 0);
+        let b = end.map_or(a, |e| u16::try_from(e).ok());
+        let w = match (a, b) {
+            (Some(a), Some(b)) if a <= b && u32::from(b - a) < MAX_RANGE => {
+                return (a..=b).map(|n| PortSel::Port(n, proto)).collect();
+            }
+            (Some(a), Some(b)) if a <= b => format!(
+                "port range {a}-{b} has {} ports, more than weir expands ({MAX_RANGE})",
+                u32::from(b - a) + 1
+            ),
+            _ => format!("port {first} endPort {end:?} is not a valid range"),
+        };
+        self.warn(rule, &format!("{w}: it allows nothing"));
+        Vec::new()
     }
 
     /// The (port, proto) keys one port selector gives for one peer.
@@ -630,8 +634,8 @@ impl Compiler<'_> {
         numbers.sort_unstable();
         numbers.dedup();
         if numbers.len() > 1 {
-            self.warn(rule, &format!("pods of identity {identity} name different ports {name:?} ({numbers:?}): all of them are allowed"),
-            );
+            let w = format!("pods of identity {identity} name different ports {name:?}");
+            self.warn(rule, &format!("{w} ({numbers:?}): all of them are allowed"));
         }
         numbers.into_iter().map(|n| (n, proto)).collect()
     }
