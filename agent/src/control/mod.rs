@@ -10,6 +10,7 @@
 //! says, and the streams reconnect with backoff and resume.
 
 pub mod events;
+pub mod policy;
 mod report;
 pub mod resources;
 pub mod routes;
@@ -308,6 +309,7 @@ impl Control {
                 }
             })
         });
+        let policy = policy_hub(&self.settings.address);
         let shared = Arc::new(Shared {
             control: self,
             mgr,
@@ -315,6 +317,7 @@ impl Control {
             lb,
             dns,
             services: Mutex::new(services::ServiceTable::default()),
+            policy,
             desired: Mutex::new(Desired::default()),
             desired_changed: Notify::new(),
             started: crate::state::now_unix(),
@@ -364,6 +367,8 @@ pub(crate) struct Shared {
     pub(crate) dns: Option<ClusterDns>,
     /// Every service the control sent, as the load balancer needs them.
     pub(crate) services: Mutex<services::ServiceTable>,
+    /// Network policy state (namespaces, identities, policies, ipcache).
+    pub(crate) policy: policy::PolicyHub,
     pub(crate) desired: Mutex<Desired>,
     /// Woken when the desired set changes (the reporter looks again).
     pub(crate) desired_changed: Notify,
@@ -381,6 +386,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The policy state, knowing this node's address as the host identity.
+fn policy_hub(address: &str) -> policy::PolicyHub {
+    let hub = policy::PolicyHub::default();
+    hub.set_host_ips(address.parse().into_iter().collect());
+    hub
 }
 
 fn summaries(mgr: &Manager) -> Vec<v1::PodSummary> {

@@ -76,12 +76,20 @@ fn peer_route(p: &v1::PeerEvent) -> Option<PeerRoute> {
     })
 }
 
+/// The events the policy state follows.
+macro_rules! policy_event {
+    () => {
+        Event::Namespace(_) | Event::Identity(_) | Event::Policy(_) | Event::Ipcache(_)
+    };
+}
+
 /// The state of one connection's initial list, until its Bookmark.
 #[derive(Default)]
 struct Listing {
     pods: BTreeMap<String, ControlPod>,
     peers: BTreeMap<String, PeerRoute>,
     services: ServiceTable,
+    policy: super::policy::PolicyData,
 }
 
 /// How one connection's stream ended.
@@ -213,6 +221,7 @@ async fn consume(
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = list.services;
                     sync_services(sh);
+                    sh.policy.replace(list.policy);
                     if let Some(r) = routes.as_deref_mut()
                         && let Err(e) = r.sync(&list.peers).await
                     {
@@ -254,6 +263,17 @@ async fn consume(
                 match applied {
                     Ok(a) => pending.add(a),
                     Err(e) => tracing::error!(error = %e, "service from the control refused"),
+                }
+            }
+            (Some(pe @ policy_event!()), Some(list)) => {
+                if let Err(e) = list.policy.apply(&pe) {
+                    tracing::error!(error = %e, "policy event from the control refused");
+                }
+            }
+            (Some(pe @ policy_event!()), None) => {
+                *revision = ev.revision;
+                if let Err(e) = sh.policy.apply(&pe) {
+                    tracing::error!(error = %e, "policy event from the control refused");
                 }
             }
             _ => {}
