@@ -171,38 +171,9 @@ async fn consume(
     // Service events applied to the table, not yet programmed.
     let mut pending = Pending::default();
     loop {
-        // In a burst, take the events that have already arrived; program
-        // them once nothing more is waiting (or the batch is full).
-        let ready = if pending.events > 0 && pending.events < SERVICE_BATCH {
-            stream.message().now_or_never()
-        } else {
-            None
-        };
-        let got = if let Some(r) = ready {
-            Ok(r)
-        } else {
-            pending.program(sh);
-            tokio::select! {
-                () = cancel.cancelled() => return Ended::Cancelled,
-                r = tokio::time::timeout(SILENCE, stream.message()) => r,
-            }
-        };
-        let ev = match got {
-            Ok(Ok(Some(ev))) => ev,
-            Ok(Ok(None)) => {
-                pending.program(sh);
-                tracing::warn!("node watch ended; reconnecting");
-                return Ended::Lost;
-            }
-            Ok(Err(s)) => {
-                pending.program(sh);
-                tracing::warn!(error = %s.message(), "node watch failed; reconnecting");
-                return Ended::Lost;
-            }
-            Err(_) => {
-                tracing::warn!("node watch silent for {SILENCE:?}; reconnecting");
-                return Ended::Lost;
-            }
+        let ev = match next_event(sh, stream, &mut pending, cancel).await {
+            Ok(ev) => ev,
+            Err(ended) => return ended,
         };
         *delay = BACKOFF_INITIAL;
         if !matches!(ev.event, Some(Event::Service(_))) {
@@ -277,6 +248,48 @@ async fn consume(
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// The connection's next event. In a burst, takes the events that have
+/// already arrived and programs the pending service changes once nothing
+/// more is waiting (or the batch is full), and before the stream ends.
+async fn next_event(
+    sh: &Shared,
+    stream: &mut tonic::Streaming<v1::NodeEvent>,
+    pending: &mut Pending,
+    cancel: &CancellationToken,
+) -> Result<v1::NodeEvent, Ended> {
+    let ready = if pending.events > 0 && pending.events < SERVICE_BATCH {
+        stream.message().now_or_never()
+    } else {
+        None
+    };
+    let got = if let Some(r) = ready {
+        Ok(r)
+    } else {
+        pending.program(sh);
+        tokio::select! {
+            () = cancel.cancelled() => return Err(Ended::Cancelled),
+            r = tokio::time::timeout(SILENCE, stream.message()) => r,
+        }
+    };
+    match got {
+        Ok(Ok(Some(ev))) => Ok(ev),
+        Ok(Ok(None)) => {
+            pending.program(sh);
+            tracing::warn!("node watch ended; reconnecting");
+            Err(Ended::Lost)
+        }
+        Ok(Err(s)) => {
+            pending.program(sh);
+            tracing::warn!(error = %s.message(), "node watch failed; reconnecting");
+            Err(Ended::Lost)
+        }
+        Err(_) => {
+            tracing::warn!("node watch silent for {SILENCE:?}; reconnecting");
+            Err(Ended::Lost)
         }
     }
 }

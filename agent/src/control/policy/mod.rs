@@ -382,24 +382,15 @@ impl PolicyData {
 /// ("10.1.2.3/16" is 10.1.0.0/16). `Ok(None)` for an IPv6 block (pods
 /// are IPv4: it matches nothing).
 pub fn parse_block_cidr(text: &str) -> Result<Option<Cidr>, String> {
-    let (addr, prefix) = text
+    if text
         .split_once('/')
-        .ok_or_else(|| format!("ipBlock {text:?}: expected <address>/<prefix length>"))?;
-    if addr.contains(':') {
+        .is_some_and(|(addr, _)| addr.contains(':'))
+    {
         return Ok(None);
     }
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("ipBlock {text:?}: not an IPv4 address"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| *p <= 32)
-        .ok_or_else(|| format!("ipBlock {text:?}: prefix length must be 0..=32"))?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    Cidr::new(Ipv4Addr::from(u32::from(addr) & mask), prefix)
+    Cidr::parse_masked(text)
         .map(Some)
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("ipBlock {e}"))
 }
 
 /// Every IPv4 prefix (cidr and except) a policy's ipBlocks name.
