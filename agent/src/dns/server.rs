@@ -178,9 +178,13 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn answers_over_udp_and_tcp() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A server on a free loopback port whose zone has `web.default`
+    /// (cluster IP 10.96.0.20).
+    async fn serve_web() -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    ) {
         let zone = Arc::new(Zone::new("cluster.local"));
         zone.set(BTreeMap::from([(
             ("default".to_owned(), "web".to_owned()),
@@ -197,6 +201,13 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(addr, zone, cancel.clone()));
         tokio::time::sleep(Duration::from_millis(100)).await;
+        (addr, cancel, task)
+    }
+
+    #[tokio::test]
+    async fn answers_over_udp_and_tcp() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, cancel, task) = serve_web().await;
 
         let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         c.send_to(&query("web.default.svc.cluster.local", false), addr)
@@ -251,21 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn negative_answers_carry_the_zones_soa() {
-        let zone = Arc::new(Zone::new("cluster.local"));
-        zone.set(BTreeMap::from([(
-            ("default".to_owned(), "web".to_owned()),
-            ServiceRecord {
-                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 20)),
-                endpoints: Vec::new(),
-                ports: Vec::new(),
-            },
-        )]));
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(addr, zone, cancel.clone()));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (addr, cancel, task) = serve_web().await;
         let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let ask = async |name: &str, qtype: u8| {
             c.send_to(&query_type(name, qtype, false), addr)
