@@ -529,3 +529,91 @@ async fn metrics(State(app): State<App>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use weir_common::{DIR_INGRESS, FLOW_VERDICT_ALLOWED, FLOW_VERDICT_DENIED, FlowRecord};
+
+    use super::*;
+    use crate::flows::Enricher;
+
+    fn rec(verdict: u8, reason: u8, dport: u16) -> FlowRecord {
+        FlowRecord {
+            saddr: u32::from(Ipv4Addr::new(10, 244, 2, 9)).to_be(),
+            daddr: u32::from(Ipv4Addr::new(10, 244, 1, 5)).to_be(),
+            sport: 5555u16.to_be(),
+            dport: dport.to_be(),
+            proto: weir_common::PROTO_TCP,
+            dir: DIR_INGRESS,
+            verdict,
+            reason,
+            ..FlowRecord::default()
+        }
+    }
+
+    /// Sends `GET path` and returns the connection.
+    async fn request(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("request");
+        c
+    }
+
+    /// Reads from `c` until `want` shows up (or 5 s pass); what was read.
+    async fn read_until(c: &mut tokio::net::TcpStream, want: &str) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains(want) {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn flows_are_served_filtered_and_followed() {
+        let hub = Arc::new(FlowHub::new("n1", 10, Enricher::none()));
+        set_flow_hub(hub.clone());
+        hub.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 80), 0);
+        hub.ingest(&rec(FLOW_VERDICT_DENIED, 1, 81), 0);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/flows", get(flows));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut c = request(addr, "/flows?verdict=denied").await;
+        let all = read_until(&mut c, "\r\n0\r\n\r\n").await;
+        assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+        assert!(all.contains("application/x-ndjson"), "{all}");
+        assert!(all.contains("\"port\":81"), "{all}");
+        assert!(!all.contains("\"port\":80,"), "only denied: {all}");
+
+        let mut c = request(addr, "/flows?verdict=bogus").await;
+        let bad = read_until(&mut c, "allowed or denied").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+        // Follow with no past flows: only what comes after.
+        let mut c = request(addr, "/flows?follow=true&limit=0&port=82").await;
+        let head = read_until(&mut c, "\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        hub.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 83), 0);
+        hub.ingest(&rec(FLOW_VERDICT_DENIED, 2, 82), 0);
+        let more = read_until(&mut c, "POLICY_DENIED_EGRESS").await;
+        assert!(more.contains("\"port\":82"), "{more}");
+        assert!(!more.contains("\"port\":83"), "filtered: {more}");
+        assert!(!more.contains("\"port\":81"), "no past flows: {more}");
+    }
+}
