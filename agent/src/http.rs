@@ -4,12 +4,14 @@
 //! - `GET /metrics`
 //! - `GET /api/v1/pods`, `GET /api/v1/namespaces/{ns}/pods/{name}`
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}/log?container=C&follow=true`
+//! - `GET /flows?follow=true&namespace=N&pod=P&verdict=allowed|denied&port=N&limit=N`
+//!   (JSON lines, see [`crate::flows::Flow`])
 //! - `GET /healthz`
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{LazyLock, Mutex, atomic::AtomicU64},
+    sync::{Arc, LazyLock, Mutex, OnceLock, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use weir_common::{BACKENDS_MAP, SVC_MAP};
 
+use crate::flows::{Flow, FlowFilter, FlowHub, Verdict};
 use crate::pod::Manager;
 
 #[derive(Clone)]
@@ -58,6 +61,7 @@ pub async fn serve(
         .route("/api/v1/pods", get(pods))
         .route("/api/v1/namespaces/{ns}/pods/{name}", get(pod))
         .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(logs))
+        .route("/flows", get(flows))
         .with_state(App { mgr, node });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving metrics, pods and logs");
@@ -180,6 +184,111 @@ fn async_stream(
             }
         },
     )
+}
+
+/// The node's flow hub, once flow observation runs.
+static FLOW_HUB: OnceLock<Arc<FlowHub>> = OnceLock::new();
+
+/// Serves `hub` on `GET /flows` and adds its counters to `/metrics`. Only
+/// the first call counts (one hub per agent).
+pub fn set_flow_hub(hub: Arc<FlowHub>) {
+    if FLOW_HUB.set(hub).is_err() {
+        tracing::warn!("a flow hub is already set; keeping the first");
+    }
+}
+
+/// How many flows `GET /flows` returns without `limit`.
+const FLOWS_DEFAULT_LIMIT: usize = 1000;
+
+#[derive(Deserialize)]
+struct FlowQuery {
+    namespace: Option<String>,
+    pod: Option<String>,
+    verdict: Option<String>,
+    port: Option<u16>,
+    limit: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+impl FlowQuery {
+    fn filter(&self) -> Result<FlowFilter, String> {
+        let verdict =
+            match self.verdict.as_deref().filter(|v| !v.is_empty()) {
+                None => None,
+                Some(v) => Some(Verdict::parse(v).ok_or_else(|| {
+                    format!("verdict {v:?} is not valid: use allowed or denied\n")
+                })?),
+            };
+        let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        Ok(FlowFilter {
+            namespace: nonempty(&self.namespace),
+            pod: nonempty(&self.pod),
+            verdict,
+            port: self.port,
+        })
+    }
+}
+
+/// One flow as a JSON line.
+fn flow_line(f: &Flow) -> Vec<u8> {
+    let mut line = serde_json::to_vec(f).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+async fn flows(Query(q): Query<FlowQuery>) -> Response {
+    let Some(hub) = FLOW_HUB.get().cloned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flow observation is not running on this node\n",
+        )
+            .into_response();
+    };
+    let filter = match q.filter() {
+        Ok(f) => f,
+        Err(msg) => return (StatusCode::BAD_REQUEST, msg).into_response(),
+    };
+    // Subscribe before reading the kept flows: nothing falls in between.
+    let rx = q.follow.then(|| hub.subscribe());
+    let (kept, next) = hub.recent(&filter, q.limit.unwrap_or(FLOWS_DEFAULT_LIMIT));
+    let head: Vec<std::io::Result<Vec<u8>>> = kept.iter().map(|f| Ok(flow_line(f))).collect();
+    let head = futures::stream::iter(head);
+    let body = match rx {
+        None => Body::from_stream(head),
+        Some(rx) => Body::from_stream(futures::StreamExt::chain(
+            head,
+            follow_flows(rx, filter, next),
+        )),
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// New flows passing `filter` from `rx`, skipping those before `from`
+/// (already sent); a slow reader skips what it missed.
+fn follow_flows(
+    rx: tokio::sync::broadcast::Receiver<(u64, Arc<Flow>)>,
+    filter: FlowFilter,
+    from: u64,
+) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> {
+    use tokio::sync::broadcast::error::RecvError;
+    futures::stream::unfold(rx, move |mut rx| {
+        let filter = filter.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok((seq, f)) if seq >= from && filter.matches(&f) => {
+                        return Some((Ok(flow_line(&f)), rx));
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -399,6 +508,9 @@ pub fn render(mgr: &Manager, node: &str) -> String {
     reg.register("weir_container_restarts", "Container restarts", restarts);
     reg.register("weir_pods", "Pods on this node by phase", phases);
     register_lb(&mut reg, node);
+    if let Some(hub) = FLOW_HUB.get() {
+        hub.register_metrics(&mut reg);
+    }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();
@@ -416,4 +528,92 @@ async fn metrics(State(app): State<App>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use weir_common::{DIR_INGRESS, FLOW_VERDICT_ALLOWED, FLOW_VERDICT_DENIED, FlowRecord};
+
+    use super::*;
+    use crate::flows::Enricher;
+
+    fn rec(verdict: u8, reason: u8, dport: u16) -> FlowRecord {
+        FlowRecord {
+            saddr: u32::from(Ipv4Addr::new(10, 244, 2, 9)).to_be(),
+            daddr: u32::from(Ipv4Addr::new(10, 244, 1, 5)).to_be(),
+            sport: 5555u16.to_be(),
+            dport: dport.to_be(),
+            proto: weir_common::PROTO_TCP,
+            dir: DIR_INGRESS,
+            verdict,
+            reason,
+            ..FlowRecord::default()
+        }
+    }
+
+    /// Sends `GET path` and returns the connection.
+    async fn request(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("request");
+        c
+    }
+
+    /// Reads from `c` until `want` shows up (or 5 s pass); what was read.
+    async fn read_until(c: &mut tokio::net::TcpStream, want: &str) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains(want) {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn flows_are_served_filtered_and_followed() {
+        let hub = Arc::new(FlowHub::new("n1", 10, Enricher::none()));
+        set_flow_hub(hub.clone());
+        hub.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 80), 0);
+        hub.ingest(&rec(FLOW_VERDICT_DENIED, 1, 81), 0);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/flows", get(flows));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut c = request(addr, "/flows?verdict=denied").await;
+        let all = read_until(&mut c, "\r\n0\r\n\r\n").await;
+        assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+        assert!(all.contains("application/x-ndjson"), "{all}");
+        assert!(all.contains("\"port\":81"), "{all}");
+        assert!(!all.contains("\"port\":80,"), "only denied: {all}");
+
+        let mut c = request(addr, "/flows?verdict=bogus").await;
+        let bad = read_until(&mut c, "allowed or denied").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+        // Follow with no past flows: only what comes after.
+        let mut c = request(addr, "/flows?follow=true&limit=0&port=82").await;
+        let head = read_until(&mut c, "\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        hub.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 83), 0);
+        hub.ingest(&rec(FLOW_VERDICT_DENIED, 2, 82), 0);
+        let more = read_until(&mut c, "POLICY_DENIED_EGRESS").await;
+        assert!(more.contains("\"port\":82"), "{more}");
+        assert!(!more.contains("\"port\":83"), "filtered: {more}");
+        assert!(!more.contains("\"port\":81"), "no past flows: {more}");
+    }
 }

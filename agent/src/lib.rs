@@ -6,13 +6,15 @@
 //! `policy` enforces network policy (TC programs on pod veths and their
 //! maps), `standalone` turns a manifest directory into desired pods, `control`
 //! follows weir-control (register, heartbeat, node watch, status reports), `http` serves
-//! metrics, pod status and logs, `dns` answers the cluster domain (control mode).
+//! metrics, pod status and logs, `dns` answers the cluster domain (control mode), `flows` reads the
+//! policy programs' flow records.
 
 pub mod cgroup;
 pub mod control;
 pub mod cri;
 pub mod dataplane;
 pub mod dns;
+pub mod flows;
 pub mod http;
 pub mod lb;
 pub mod net;

@@ -2,7 +2,8 @@
 //!
 //! Every command talks to the `Objects` gRPC API (`--server`, else
 //! `WEIR_SERVER`, else `server:` in `~/.config/weir/config`, else
-//! `http://127.0.0.1:7443`); `logs` reads the node agent's HTTP endpoint.
+//! `http://127.0.0.1:7443`); `logs` and `flows` read the node agents' HTTP
+//! endpoints.
 //! Errors go to stderr as kubectl prints them and exit 1.
 
 #![expect(
@@ -20,6 +21,8 @@ mod delete;
 mod describe;
 #[path = "weirctl/doc.rs"]
 mod doc;
+#[path = "weirctl/flows.rs"]
+mod flows;
 #[path = "weirctl/format.rs"]
 mod format;
 #[path = "weirctl/get.rs"]
@@ -56,9 +59,10 @@ struct Cli {
     /// ~/.config/weir/config, then http://127.0.0.1:7443).
     #[arg(long, short = 's', env = "WEIR_SERVER", global = true)]
     server: Option<String>,
-    /// The namespace to act in.
-    #[arg(short, long, global = true, default_value = "default")]
-    namespace: String,
+    /// The namespace to act in (default: default; `flows`: a filter, all
+    /// namespaces without it).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -155,6 +159,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10250)]
         agent_port: u16,
     },
+    /// Show the flows the nodes' policy programs recorded (new connections
+    /// allowed, packets denied), like `hubble observe`: from every node's
+    /// agent (http://<node InternalIP>:<agent-port>/flows), filtered by
+    /// -n/--namespace, --pod, --verdict, --port.
+    Flows(flows::FlowArgs),
     /// Set the replicas of a deployment or replicaset (read-modify-apply
     /// with the resource version read; retried on a conflict).
     Scale {
@@ -295,7 +304,11 @@ fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let server = resolve_server(cli.server)?;
     let api = Api::new(&server)?;
-    let ns = cli.namespace.as_str();
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let ns = namespace.as_str();
     match cli.cmd {
         Cmd::Apply { files } => apply::run(&api, &files, ns).await,
         Cmd::Get {
@@ -308,7 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let a = get::GetArgs {
                 args,
-                namespace: cli.namespace.clone(),
+                namespace: namespace.clone(),
                 all_namespaces,
                 selector,
                 output,
@@ -353,6 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             logs::run(&api, ns, &pod, &o).await
         }
+        Cmd::Flows(a) => flows::run(&api, &a.options(cli.namespace)).await,
         Cmd::Scale { target, replicas } => {
             let (r, name) = one_target(&target, "scale")?;
             rollout::scale(&api, r, ns, &name, replicas).await

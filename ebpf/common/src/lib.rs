@@ -553,6 +553,174 @@ impl DropReason {
     }
 }
 
+// --------------------------------------------------------------- flow records
+
+/// Name of the ring buffer of [`FlowRecord`]s the policy programs write:
+/// one per new flow verdict (an allowed new connection, a denied packet
+/// after aggregation), not one per packet.
+pub const FLOWS_MAP: &str = "weir_flows_v1";
+/// Size of [`FLOWS_MAP`] in bytes (a power of two; each record takes
+/// 64 + 8 header bytes: about 29 000 records, ~3 s at the default cap).
+pub const FLOWS_MAP_BYTES: u32 = 2 * 1024 * 1024;
+/// Name of the one-element config array of the flow records: index 0 →
+/// [`FlowConfig`]. All zero (never written) means the defaults.
+pub const FLOW_CFG_MAP: &str = "weir_flow_cfg_v1";
+/// Name of the LRU map of recently reported denials: [`FlowSeenKey`] →
+/// [`FlowSeenValue`] (denials of one key are reported at most once per
+/// [`FlowConfig::deny_interval_ms`]).
+pub const FLOW_SEEN_MAP: &str = "weir_flow_seen_v1";
+/// Number of denial keys remembered (LRU).
+pub const FLOW_SEEN_MAP_ENTRIES: u32 = 16_384;
+/// Name of the per-CPU one-element array holding each CPU's token bucket
+/// ([`FlowBucket`]).
+pub const FLOW_BUCKET_MAP: &str = "weir_flow_bucket_v1";
+/// Name of the per-CPU array of records not written, indexed by
+/// [`FLOW_LOST_AGGREGATED`], [`FLOW_LOST_RATE_LIMITED`], [`FLOW_LOST_RING_FULL`] (u64).
+pub const FLOW_LOST_MAP: &str = "weir_flow_lost_v1";
+/// Length of [`FLOW_LOST_MAP`].
+pub const FLOW_LOST_REASONS: u32 = 3;
+/// [`FLOW_LOST_MAP`] index: a denial folded into the next record of its key
+/// (reported there as [`FlowRecord::suppressed`]).
+pub const FLOW_LOST_AGGREGATED: u32 = 0;
+/// [`FLOW_LOST_MAP`] index: the CPU's token bucket was empty.
+pub const FLOW_LOST_RATE_LIMITED: u32 = 1;
+/// [`FLOW_LOST_MAP`] index: the ring buffer was full (the reader is behind).
+pub const FLOW_LOST_RING_FULL: u32 = 2;
+
+/// [`FlowConfig::flags`] bit: write no flow records.
+pub const FLOW_CFG_DISABLED: u32 = 1;
+/// Records per second per CPU when [`FlowConfig::rate_per_cpu`] is 0.
+pub const FLOW_DEFAULT_RATE_PER_CPU: u32 = 2500;
+/// Denials of one key are reported at most this often when
+/// [`FlowConfig::deny_interval_ms`] is 0.
+pub const FLOW_DEFAULT_DENY_INTERVAL_MS: u32 = 1000;
+/// The largest per-CPU rate and burst the programs honour (they clamp: no
+/// overflow in the bucket's nanosecond arithmetic).
+pub const FLOW_MAX_RATE_PER_CPU: u32 = 1_000_000;
+
+/// [`FlowRecord::verdict`]: the flow was let through.
+pub const FLOW_VERDICT_ALLOWED: u8 = 1;
+/// [`FlowRecord::verdict`]: the packet was dropped ([`FlowRecord::reason`] says why).
+pub const FLOW_VERDICT_DENIED: u8 = 2;
+
+/// [`FlowRecord::flags`] bit: allowed because the direction is not
+/// enforced (the other one is: the flow got a conntrack entry for its
+/// replies); no rule.
+pub const FLOW_F_UNENFORCED: u8 = 1;
+/// [`FlowRecord::flags`] bit: the endpoint tracks no flows (nothing
+/// enforced): a TCP SYN without ACK was taken as a new connection. UDP and
+/// ICMP of such endpoints are not recorded.
+pub const FLOW_F_UNTRACKED: u8 = 2;
+/// [`FlowRecord::flags`] bit: the packet's socket connected to a service
+/// VIP: [`FlowRecord::svc_ip`] / [`FlowRecord::svc_port`] hold it.
+pub const FLOW_F_SERVICE: u8 = 4;
+
+/// Value of [`FLOW_CFG_MAP`] at index 0; a zero field means its default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// [`FLOW_CFG_DISABLED`] and future bits (host order).
+    pub flags: u32,
+    /// Records per second each CPU may write (token bucket refill), 0 =
+    /// [`FLOW_DEFAULT_RATE_PER_CPU`] (host order).
+    pub rate_per_cpu: u32,
+    /// Token bucket size per CPU, 0 = one second's worth (host order).
+    pub burst: u32,
+    /// Minimum time between two records of one denial key, 0 =
+    /// [`FLOW_DEFAULT_DENY_INTERVAL_MS`] (host order).
+    pub deny_interval_ms: u32,
+}
+
+/// Value of [`FLOW_BUCKET_MAP`], one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    /// Tokens in units of 1e-9 record (one record costs 1e9).
+    pub credit: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+}
+
+/// Key of [`FLOW_SEEN_MAP`]: what a denial is aggregated by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowSeenKey {
+    /// ifindex of the endpoint's host-side veth (host order).
+    pub ep: u32,
+    /// The peer's address, network byte order (0 if unknown).
+    pub peer: u32,
+    /// Destination port, network byte order (0 if none).
+    pub port: u16,
+    /// IP protocol (0 if unknown).
+    pub proto: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
+    /// The [`DropReason`].
+    pub reason: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// Value of [`FLOW_SEEN_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSeenValue {
+    /// `bpf_ktime_get_ns` of the last record of this key.
+    pub last_ns: u64,
+    /// Denials folded since that record (host order).
+    pub suppressed: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// One record of [`FLOWS_MAP`], as seen at one endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the packet.
+    pub ts_ns: u64,
+    /// Cookie of the packet's socket (0 if the skb carries none).
+    pub sock_cookie: u64,
+    /// ifindex of the endpoint's host-side veth (host order).
+    pub ep: u32,
+    /// Source address, network byte order (0 if not IPv4).
+    pub saddr: u32,
+    /// Destination address, network byte order.
+    pub daddr: u32,
+    /// Source port (ICMP echo: the identifier), network byte order.
+    pub sport: u16,
+    /// Destination port (ICMP echo: the identifier), network byte order.
+    pub dport: u16,
+    /// IP protocol (0 if not IPv4).
+    pub proto: u8,
+    /// [`DIR_INGRESS`] (to the endpoint) or [`DIR_EGRESS`] (from it).
+    pub dir: u8,
+    /// [`FLOW_VERDICT_ALLOWED`] or [`FLOW_VERDICT_DENIED`].
+    pub verdict: u8,
+    /// The [`DropReason`] of a denial, 0 otherwise.
+    pub reason: u8,
+    /// Identity of the source (host order; 0 if unknown).
+    pub src_identity: u32,
+    /// Identity of the destination (host order; 0 if unknown).
+    pub dst_identity: u32,
+    /// [`PolicyValue::rule`] of the entry that allowed the flow; 0 when no
+    /// rule applies (denied, or allowed unenforced: see `flags`) (host order).
+    pub rule: u32,
+    /// The service VIP the socket connected to, network byte order
+    /// (with [`FLOW_F_SERVICE`]).
+    pub svc_ip: u32,
+    /// The service port, network byte order (with [`FLOW_F_SERVICE`]).
+    pub svc_port: u16,
+    /// TCP flags of the packet (0 for other protocols).
+    pub tcp_flags: u8,
+    /// [`FLOW_F_UNENFORCED`], [`FLOW_F_UNTRACKED`], [`FLOW_F_SERVICE`].
+    pub flags: u8,
+    /// Denials of the same key folded since its previous record (host order).
+    pub suppressed: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are repr(C), Copy, have no padding and every bit
@@ -600,6 +768,17 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: the flow types are repr(C), Copy, with explicit padding
+    // fields (no implicit padding) and every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowSeenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowSeenValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowRecord {}
 }
 
 #[cfg(test)]
@@ -711,6 +890,52 @@ mod tests {
             assert!((r as u32) < DROP_REASONS, "{r:?} fits the drops array");
         }
         assert_eq!(DropReason::from_index(0), None);
+    }
+
+    #[test]
+    fn flow_layouts_are_pinned() {
+        use super::{FlowBucket, FlowConfig, FlowRecord, FlowSeenKey, FlowSeenValue};
+        assert_eq!(size_of::<FlowConfig>(), 16);
+        assert_eq!(offset_of!(FlowConfig, flags), 0);
+        assert_eq!(offset_of!(FlowConfig, rate_per_cpu), 4);
+        assert_eq!(offset_of!(FlowConfig, burst), 8);
+        assert_eq!(offset_of!(FlowConfig, deny_interval_ms), 12);
+        assert_eq!(size_of::<FlowBucket>(), 16);
+        assert_eq!(offset_of!(FlowBucket, credit), 0);
+        assert_eq!(offset_of!(FlowBucket, last_ns), 8);
+        assert_eq!(size_of::<FlowSeenKey>(), 16);
+        assert_eq!(offset_of!(FlowSeenKey, ep), 0);
+        assert_eq!(offset_of!(FlowSeenKey, peer), 4);
+        assert_eq!(offset_of!(FlowSeenKey, port), 8);
+        assert_eq!(offset_of!(FlowSeenKey, proto), 10);
+        assert_eq!(offset_of!(FlowSeenKey, dir), 11);
+        assert_eq!(offset_of!(FlowSeenKey, reason), 12);
+        assert_eq!(offset_of!(FlowSeenKey, pad), 13);
+        assert_eq!(size_of::<FlowSeenValue>(), 16);
+        assert_eq!(offset_of!(FlowSeenValue, last_ns), 0);
+        assert_eq!(offset_of!(FlowSeenValue, suppressed), 8);
+        assert_eq!(offset_of!(FlowSeenValue, pad), 12);
+        assert_eq!(size_of::<FlowRecord>(), 64);
+        assert_eq!(offset_of!(FlowRecord, ts_ns), 0);
+        assert_eq!(offset_of!(FlowRecord, sock_cookie), 8);
+        assert_eq!(offset_of!(FlowRecord, ep), 16);
+        assert_eq!(offset_of!(FlowRecord, saddr), 20);
+        assert_eq!(offset_of!(FlowRecord, daddr), 24);
+        assert_eq!(offset_of!(FlowRecord, sport), 28);
+        assert_eq!(offset_of!(FlowRecord, dport), 30);
+        assert_eq!(offset_of!(FlowRecord, proto), 32);
+        assert_eq!(offset_of!(FlowRecord, dir), 33);
+        assert_eq!(offset_of!(FlowRecord, verdict), 34);
+        assert_eq!(offset_of!(FlowRecord, reason), 35);
+        assert_eq!(offset_of!(FlowRecord, src_identity), 36);
+        assert_eq!(offset_of!(FlowRecord, dst_identity), 40);
+        assert_eq!(offset_of!(FlowRecord, rule), 44);
+        assert_eq!(offset_of!(FlowRecord, svc_ip), 48);
+        assert_eq!(offset_of!(FlowRecord, svc_port), 52);
+        assert_eq!(offset_of!(FlowRecord, tcp_flags), 54);
+        assert_eq!(offset_of!(FlowRecord, flags), 55);
+        assert_eq!(offset_of!(FlowRecord, suppressed), 56);
+        assert_eq!(offset_of!(FlowRecord, pad), 60);
     }
 
     #[test]

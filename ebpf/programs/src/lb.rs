@@ -36,7 +36,8 @@ static WEIR_BACKENDS_V1: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAP_EN
 
 /// Socket cookie → the VIP the socket asked for.
 #[map(name = "weir_sock_rev_v1")]
-static WEIR_SOCK_REV_V1: LruHashMap<u64, SvcKey> = LruHashMap::pinned(SOCK_REV_MAP_ENTRIES, 0);
+pub(crate) static WEIR_SOCK_REV_V1: LruHashMap<u64, SvcKey> =
+    LruHashMap::pinned(SOCK_REV_MAP_ENTRIES, 0);
 
 /// (client netns cookie, service id) → backend and last use.
 #[map(name = "weir_affinity_v1")]

@@ -20,7 +20,17 @@
 //! (the traffic counters) runs. Any other code ends the TCX chain there —
 //! `TC_ACT_PIPE` included — so the agent attaches these programs first on
 //! both hooks and the counters count what policy let through.
+//!
+//! Flow records ([`flows`]): each new flow verdict — a conntrack
+//! entry created (allowed), a packet dropped — is written to the
+//! `weir_flows_v1` ring buffer, denials aggregated per key and everything
+//! capped by a per-CPU token bucket. An endpoint that tracks nothing gets a
+//! record for each TCP SYN without ACK (a new connection, no conntrack
+//! needed); its UDP and ICMP are not recorded.
 
+mod flows;
+
+use self::flows::Seen;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
@@ -31,13 +41,15 @@ use aya_ebpf::{
 use weir_common::{
     CT_F_FIN, CT_F_REPLY_SEEN, CT_F_RST, CT_F_UNENFORCED, CT_MAP_ENTRIES, CT_RULE_NONE, CtKey,
     CtValue, DIR_EGRESS, DIR_INGRESS, DROP_REASONS, DropReason, EP_F_EGRESS, EP_F_INGRESS,
-    EP_F_SOURCE_CHECK, EndpointConfig, ID_ANY, ID_WORLD, IPCACHE_MAP_ENTRIES, IpCacheValue,
-    POL_EP_MAP_ENTRIES, POL_MAP_ENTRIES, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+    EP_F_SOURCE_CHECK, EndpointConfig, FLOW_F_UNENFORCED, FLOW_F_UNTRACKED, ID_ANY, ID_WORLD,
+    IPCACHE_MAP_ENTRIES, IpCacheValue, POL_EP_MAP_ENTRIES, POL_MAP_ENTRIES, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, PolicyKey, PolicyValue,
 };
 
 /// IP/CIDR → identity.
 #[map(name = "weir_ipcache_v1")]
-static WEIR_IPCACHE_V1: LpmTrie<u32, IpCacheValue> = LpmTrie::pinned(IPCACHE_MAP_ENTRIES, 0);
+pub(crate) static WEIR_IPCACHE_V1: LpmTrie<u32, IpCacheValue> =
+    LpmTrie::pinned(IPCACHE_MAP_ENTRIES, 0);
 
 /// Endpoints: host-side veth ifindex → identity, IP, enforced directions.
 #[map(name = "weir_pol_ep_v1")]
@@ -62,6 +74,8 @@ const ETH_P_ARP: u16 = 0x0806;
 const IP_OFF: usize = 14;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 
@@ -79,13 +93,20 @@ pub fn weir_pol_to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn verdict(ctx: &TcContext, dir: u8) -> i32 {
-    match decide(ctx, dir) {
-        Ok(()) => TC_ACT_UNSPEC,
+    let mut seen = Seen::default();
+    match decide(ctx, dir, &mut seen) {
+        Ok(()) => {
+            if seen.new_flow {
+                flows::allowed(ctx, dir, &seen);
+            }
+            TC_ACT_UNSPEC
+        }
         Err(reason) => {
             if let Some(c) = WEIR_DROPS_V1.get_ptr_mut(reason as u32) {
                 // SAFETY: this CPU's slot of a live array element.
                 unsafe { *c += 1 };
             }
+            flows::denied(ctx, dir, &seen, reason);
             TC_ACT_SHOT
         }
     }
@@ -99,22 +120,23 @@ enum Parsed {
     Other,
     /// IPv4 too short for its own headers; the source if it could be read.
     Malformed,
-    /// An IPv4 fragment, with its source.
-    Fragment(u32),
+    /// An IPv4 fragment, with its addresses and protocol (no ports).
+    Fragment(Flow),
     /// An IPv4 packet whose ports (if any) could be read.
     Ip(Flow),
 }
 
-/// An IPv4 packet's flow fields.
-struct Flow {
-    saddr: u32,
-    daddr: u32,
+/// An IPv4 packet's flow fields (all zero: not known).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Flow {
+    pub(crate) saddr: u32,
+    pub(crate) daddr: u32,
     /// Network order.
-    sport: u16,
+    pub(crate) sport: u16,
     /// Network order.
-    dport: u16,
-    proto: u8,
-    tcp_flags: u8,
+    pub(crate) dport: u16,
+    pub(crate) proto: u8,
+    pub(crate) tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -142,10 +164,6 @@ fn parse(ctx: &TcContext) -> Parsed {
     ) else {
         return Parsed::Malformed;
     };
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return Parsed::Fragment(saddr);
-    }
-    let l4 = IP_OFF + ihl;
     let mut f = Flow {
         saddr,
         daddr,
@@ -154,6 +172,10 @@ fn parse(ctx: &TcContext) -> Parsed {
         proto,
         tcp_flags: 0,
     };
+    if u16::from_be(frag) & 0x3fff != 0 {
+        return Parsed::Fragment(f);
+    }
+    let l4 = IP_OFF + ihl;
     match proto {
         PROTO_TCP | PROTO_UDP => {
             let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) else {
@@ -188,13 +210,15 @@ fn parse(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext, dir: u8) -> Result<(), DropReason> {
+fn decide(ctx: &TcContext, dir: u8, seen: &mut Seen) -> Result<(), DropReason> {
     // SAFETY: the kernel hands the program a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out at once.
     let Some(ep) = (unsafe { WEIR_POL_EP_V1.get(&ifindex) }).copied() else {
         return Ok(());
     };
+    seen.ep = ifindex;
+    seen.ep_identity = ep.identity;
     let (this, other) = if dir == DIR_INGRESS {
         (EP_F_INGRESS, EP_F_EGRESS)
     } else {
@@ -204,13 +228,19 @@ fn decide(ctx: &TcContext, dir: u8) -> Result<(), DropReason> {
     let tracked = enforced || ep.flags & other != 0;
     let source_check = dir == DIR_EGRESS && ep.flags & EP_F_SOURCE_CHECK != 0;
     if !tracked && !source_check {
+        if flows::enabled()
+            && let Parsed::Ip(f) = parse(ctx)
+        {
+            untracked(seen, f);
+        }
         return Ok(());
     }
     let f = match parse(ctx) {
         Parsed::Arp => return Ok(()),
         Parsed::Ip(f) => f,
-        Parsed::Fragment(saddr) => {
-            if source_check && saddr != ep.pod_ip {
+        Parsed::Fragment(f) => {
+            seen.flow = f;
+            if source_check && f.saddr != ep.pod_ip {
                 return Err(DropReason::SourceSpoofed);
             }
             return if enforced {
@@ -234,26 +264,45 @@ fn decide(ctx: &TcContext, dir: u8) -> Result<(), DropReason> {
             };
         }
     };
+    seen.flow = f;
     if source_check && f.saddr != ep.pod_ip {
         return Err(DropReason::SourceSpoofed);
     }
     if !tracked {
+        untracked(seen, f);
         return Ok(());
     }
-    track(ifindex, dir, enforced, &f)
+    track(ifindex, dir, enforced, &f, seen)
+}
+
+/// Marks a TCP SYN without ACK at an endpoint that tracks nothing as a new
+/// connection (the only "new flow" such an endpoint can tell).
+#[inline(always)]
+fn untracked(seen: &mut Seen, f: Flow) {
+    if f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        seen.flow = f;
+        seen.new_flow = true;
+        seen.flags = FLOW_F_UNTRACKED;
+    }
 }
 
 /// Passes a packet of a known flow, or decides a new one and records it.
 #[inline(always)]
-fn track(ifindex: u32, dir: u8, enforced: bool, f: &Flow) -> Result<(), DropReason> {
+fn track(
+    ifindex: u32,
+    dir: u8,
+    enforced: bool,
+    f: &Flow,
+    seen: &mut Seen,
+) -> Result<(), DropReason> {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut seen = 0;
+    let mut tcp_seen = 0;
     if f.tcp_flags & TCP_FIN != 0 {
-        seen |= CT_F_FIN;
+        tcp_seen |= CT_F_FIN;
     }
     if f.tcp_flags & TCP_RST != 0 {
-        seen |= CT_F_RST;
+        tcp_seen |= CT_F_RST;
     }
     let fwd = CtKey {
         ep: ifindex,
@@ -266,7 +315,7 @@ fn track(ifindex: u32, dir: u8, enforced: bool, f: &Flow) -> Result<(), DropReas
         pad: 0,
     };
     if let Some(v) = WEIR_CT_V1.get_ptr_mut(&fwd) {
-        touch(v, now, seen);
+        touch(v, now, tcp_seen);
         return Ok(());
     }
     let rev = CtKey {
@@ -280,7 +329,7 @@ fn track(ifindex: u32, dir: u8, enforced: bool, f: &Flow) -> Result<(), DropReas
         pad: 0,
     };
     if let Some(v) = WEIR_CT_V1.get_ptr_mut(&rev) {
-        touch(v, now, seen | CT_F_REPLY_SEEN);
+        touch(v, now, tcp_seen | CT_F_REPLY_SEEN);
         return Ok(());
     }
     let (flags, rule) = if enforced {
@@ -290,24 +339,30 @@ fn track(ifindex: u32, dir: u8, enforced: bool, f: &Flow) -> Result<(), DropReas
         } else {
             u16::from_be(f.dport)
         };
-        match allowed(ifindex, peer, port, f.proto, dir) {
+        match allowed(ifindex, peer, port, f.proto, dir, &mut seen.peer_identity) {
             Some(rule) => (0, rule),
             None if dir == DIR_INGRESS => return Err(DropReason::PolicyDeniedIngress),
             None => return Err(DropReason::PolicyDeniedEgress),
         }
     } else {
+        seen.flags = FLOW_F_UNENFORCED;
         (CT_F_UNENFORCED, CT_RULE_NONE)
     };
+    if rule != CT_RULE_NONE {
+        seen.rule = rule;
+    }
     let v = CtValue {
         created_ns: now,
         last_ns: now,
-        flags: flags | seen,
+        flags: flags | tcp_seen,
         rule,
     };
     // Whoever raced us to the same entry recorded the same flow: fine.
     WEIR_CT_V1
         .insert(&fwd, &v, 0)
-        .map_err(|_| DropReason::CtMapFull)
+        .map_err(|_| DropReason::CtMapFull)?;
+    seen.new_flow = true;
+    Ok(())
 }
 
 /// Refreshes a conntrack entry: its last use and the flags seen.
@@ -324,13 +379,14 @@ fn touch(v: *mut CtValue, now: u64, seen: u32) {
 }
 
 /// The rule allowing a new flow with `peer` (network order) on `port`
-/// (host order), if any.
+/// (host order), if any; the peer's identity goes to `peer_id`.
 #[inline(always)]
-fn allowed(ep: u32, peer: u32, port: u16, proto: u8, dir: u8) -> Option<u32> {
+fn allowed(ep: u32, peer: u32, port: u16, proto: u8, dir: u8, peer_id: &mut u32) -> Option<u32> {
     let (id, cidr) = match WEIR_IPCACHE_V1.get(Key::new(32, peer)) {
         Some(v) => (v.identity, v.cidr_identity),
         None => (ID_WORLD, 0),
     };
+    *peer_id = id;
     if let Some(r) = lookup(ep, id, port, proto, dir) {
         return Some(r);
     }

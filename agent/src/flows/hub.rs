@@ -1,0 +1,353 @@
+//! The last flows, their subscribers and their counters.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tokio::sync::broadcast;
+use weir_common::{DropReason, FlowRecord};
+
+use super::{
+    FlowCounters,
+    record::{self, Flow, FlowFilter, Names, Verdict},
+};
+
+/// Pod IP → (namespace, pod).
+pub type PodLookup = Box<dyn Fn(Ipv4Addr) -> Option<(String, String)> + Send + Sync>;
+/// Rule number → `namespace/name` (or `host`).
+pub type PolicyLookup = Box<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
+/// The lookups that name what flow records only number.
+pub struct Enricher {
+    /// Pod IP → (namespace, pod), for the cluster's pods.
+    pub pod_of: PodLookup,
+    /// Policy rule number (as in the policy map) → `namespace/name` or `host`.
+    pub policy_of: PolicyLookup,
+}
+
+impl Enricher {
+    /// An enricher that names nothing.
+    #[must_use]
+    pub fn none() -> Self {
+        Self {
+            pod_of: Box::new(|_| None),
+            policy_of: Box::new(|_| None),
+        }
+    }
+}
+
+/// The `policy` label of a flow's verdict counter: the allowing policy,
+/// `default-deny` for a policy denial, `none` otherwise.
+fn policy_label(f: &Flow) -> String {
+    if let Some(p) = &f.policy {
+        return p.clone();
+    }
+    let denied_by_policy = matches!(
+        f.drop_reason.as_deref(),
+        Some(r) if r == DropReason::PolicyDeniedIngress.name() || r == DropReason::PolicyDeniedEgress.name()
+    );
+    if denied_by_policy {
+        "default-deny".to_owned()
+    } else {
+        "none".to_owned()
+    }
+}
+
+struct Inner {
+    /// The last flows, oldest first, with their sequence numbers.
+    ring: VecDeque<(u64, Arc<Flow>)>,
+    /// Sequence number of the next flow.
+    next: u64,
+    /// Flows by (policy label, verdict), denials with their folded ones.
+    verdicts: BTreeMap<(String, Verdict), u64>,
+}
+
+/// The flows a node saw: the last `capacity` of them, a broadcast of new
+/// ones, and counters for `/metrics`.
+pub struct FlowHub {
+    node: String,
+    capacity: usize,
+    enrich: Enricher,
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<(u64, Arc<Flow>)>,
+    counters: Option<Mutex<FlowCounters>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    node: String,
+    policy: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    node: String,
+    reason: String,
+}
+
+impl FlowHub {
+    /// A hub for node `node` keeping the last `capacity` flows.
+    #[must_use]
+    pub fn new(node: &str, capacity: usize, enrich: Enricher) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        Self {
+            node: node.to_owned(),
+            capacity: capacity.max(1),
+            enrich,
+            inner: Mutex::new(Inner {
+                ring: VecDeque::new(),
+                next: 0,
+                verdicts: BTreeMap::new(),
+            }),
+            tx,
+            counters: None,
+        }
+    }
+
+    /// Adds the programs' counters (drops, lost records) to the metrics.
+    #[must_use]
+    pub fn with_counters(mut self, counters: FlowCounters) -> Self {
+        self.counters = Some(Mutex::new(counters));
+        self
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Names, counts, keeps and broadcasts record `r`, seen at `wall_ns`
+    /// (nanoseconds since the Unix epoch).
+    pub fn ingest(&self, r: &FlowRecord, wall_ns: i128) -> Arc<Flow> {
+        let names = Names {
+            pod_of: &*self.enrich.pod_of,
+            policy_of: &*self.enrich.policy_of,
+        };
+        let flow = Arc::new(record::enrich(r, &self.node, wall_ns, &names));
+        let mut inner = self.inner();
+        let n = 1 + u64::from(flow.suppressed);
+        *inner
+            .verdicts
+            .entry((policy_label(&flow), flow.verdict))
+            .or_default() += n;
+        let seq = inner.next;
+        inner.next += 1;
+        if inner.ring.len() == self.capacity {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back((seq, flow.clone()));
+        // No subscriber is fine.
+        let _ = self.tx.send((seq, flow.clone()));
+        flow
+    }
+
+    /// The last `limit` kept flows passing `filter`, oldest first, and the
+    /// sequence number after the newest kept one (to skip it when
+    /// following a subscription taken before).
+    pub fn recent(&self, filter: &FlowFilter, limit: usize) -> (Vec<Arc<Flow>>, u64) {
+        let inner = self.inner();
+        let mut out: Vec<Arc<Flow>> = inner
+            .ring
+            .iter()
+            .rev()
+            .filter(|(_, f)| filter.matches(f))
+            .take(limit)
+            .map(|(_, f)| f.clone())
+            .collect();
+        out.reverse();
+        (out, inner.next)
+    }
+
+    /// New flows as they come, with their sequence numbers.
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Arc<Flow>)> {
+        self.tx.subscribe()
+    }
+
+    /// Registers `weir_policy_verdicts_total`, and with the programs'
+    /// counters `weir_policy_drops_total` and `weir_flow_records_lost_total`.
+    pub fn register_metrics(&self, reg: &mut Registry) {
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        for ((policy, verdict), n) in &self.inner().verdicts {
+            verdicts
+                .get_or_create(&VerdictLabels {
+                    node: self.node.clone(),
+                    policy: policy.clone(),
+                    verdict: verdict.name().to_owned(),
+                })
+                .inc_by(*n);
+        }
+        reg.register(
+            "weir_policy_verdicts",
+            "Flows by the policy that allowed them (default-deny: denied by policy; none: nothing enforced) and verdict, from the flow records (denials with the ones aggregated into them)",
+            verdicts,
+        );
+        let Some(counters) = &self.counters else {
+            return;
+        };
+        let counters = counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.register_counters(reg, &counters);
+    }
+
+    fn register_counters(&self, reg: &mut Registry, counters: &FlowCounters) {
+        let labels = |reason: &str| ReasonLabels {
+            node: self.node.clone(),
+            reason: reason.to_owned(),
+        };
+        match counters.drops() {
+            Ok(drops) => {
+                let fam = Family::<ReasonLabels, Counter>::default();
+                for (r, n) in drops {
+                    fam.get_or_create(&labels(r.name())).inc_by(n);
+                }
+                reg.register(
+                    "weir_policy_drops",
+                    "Packets the network policy programs dropped, by reason",
+                    fam,
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the policy drop counters"),
+        }
+        match counters.lost() {
+            Ok(lost) => {
+                let fam = Family::<ReasonLabels, Counter>::default();
+                for (reason, n) in [
+                    ("aggregated", lost.aggregated),
+                    ("rate_limited", lost.rate_limited),
+                    ("ring_full", lost.ring_full),
+                ] {
+                    fam.get_or_create(&labels(reason)).inc_by(n);
+                }
+                reg.register(
+                    "weir_flow_records_lost",
+                    "Flow records not written: aggregated (a denial folded into its key's next record), rate_limited (token bucket), ring_full (reader behind)",
+                    fam,
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the flow record counters"),
+        }
+    }
+
+    /// The hub's metrics alone, in the text exposition format.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        let mut reg = Registry::default();
+        self.register_metrics(&mut reg);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_common::{DIR_INGRESS, FLOW_VERDICT_ALLOWED, FLOW_VERDICT_DENIED, PROTO_TCP};
+
+    fn rec(verdict: u8, reason: u8, rule: u32, dport: u16, suppressed: u32) -> FlowRecord {
+        FlowRecord {
+            saddr: u32::from(Ipv4Addr::new(10, 244, 2, 9)).to_be(),
+            daddr: u32::from(Ipv4Addr::new(10, 244, 1, 5)).to_be(),
+            sport: 5555u16.to_be(),
+            dport: dport.to_be(),
+            proto: PROTO_TCP,
+            dir: DIR_INGRESS,
+            verdict,
+            reason,
+            rule,
+            suppressed,
+            ..FlowRecord::default()
+        }
+    }
+
+    fn hub(capacity: usize) -> FlowHub {
+        FlowHub::new(
+            "n1",
+            capacity,
+            Enricher {
+                pod_of: Box::new(|ip| {
+                    (ip == Ipv4Addr::new(10, 244, 1, 5)).then(|| ("x".into(), "a".into()))
+                }),
+                policy_of: Box::new(|r| (r == 1).then(|| "x/web".into())),
+            },
+        )
+    }
+
+    #[test]
+    fn keeps_the_last_flows_and_filters_them() {
+        let h = hub(3);
+        for port in [1, 2, 3, 4] {
+            h.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 1, port, 0), 0);
+        }
+        h.ingest(&rec(FLOW_VERDICT_DENIED, 1, 0, 9, 0), 0);
+        let (all, next) = h.recent(&FlowFilter::default(), 100);
+        let ports: Vec<u16> = all.iter().map(|f| f.destination.port).collect();
+        assert_eq!(ports, [3, 4, 9], "the oldest two went");
+        assert_eq!(next, 5);
+        let (last, _) = h.recent(&FlowFilter::default(), 1);
+        assert_eq!(last[0].destination.port, 9);
+        let denied = FlowFilter {
+            verdict: Some(Verdict::Denied),
+            ..FlowFilter::default()
+        };
+        assert_eq!(h.recent(&denied, 100).0.len(), 1);
+        let other_pod = FlowFilter {
+            pod: Some("b".into()),
+            ..FlowFilter::default()
+        };
+        assert!(h.recent(&other_pod, 100).0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_new_flows_in_order() {
+        let h = hub(10);
+        let mut rx = h.subscribe();
+        h.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 1, 80, 0), 0);
+        h.ingest(&rec(FLOW_VERDICT_DENIED, 2, 0, 81, 0), 0);
+        let (s0, f0) = rx.recv().await.expect("first");
+        let (s1, f1) = rx.recv().await.expect("second");
+        assert_eq!((s0, s1), (0, 1));
+        assert_eq!(f0.destination.port, 80);
+        assert_eq!(f1.drop_reason.as_deref(), Some("POLICY_DENIED_EGRESS"));
+    }
+
+    #[test]
+    fn verdict_counters_by_policy_in_metrics_text() {
+        let h = hub(10);
+        h.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 1, 80, 0), 0);
+        h.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 1, 81, 0), 0);
+        h.ingest(&rec(FLOW_VERDICT_ALLOWED, 0, 0, 82, 0), 0);
+        // A denial with 4 more folded into it counts 5.
+        h.ingest(&rec(FLOW_VERDICT_DENIED, 1, 0, 83, 4), 0);
+        h.ingest(&rec(FLOW_VERDICT_DENIED, 4, 0, 0, 0), 0);
+        let text = h.render_metrics();
+        for want in [
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"x/web\",verdict=\"allowed\"} 2",
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"none\",verdict=\"allowed\"} 1",
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"default-deny\",verdict=\"denied\"} 5",
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"none\",verdict=\"denied\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        assert!(
+            text.contains("# TYPE weir_policy_verdicts counter"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("weir_policy_drops"),
+            "no counters without maps"
+        );
+    }
+}
