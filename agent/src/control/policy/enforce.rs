@@ -282,6 +282,8 @@ fn plan(
     data: &PolicyData,
     locals: &[(u32, Local, Option<Pod>)],
 ) -> (BTreeSet<(Cidr, u32)>, Vec<Compiled>) {
+    // Node identities (pods, host) by prefix; the agent knows its own
+    // pods' addresses before the control does.
     let mut lpm: BTreeMap<Cidr, u32> = data.lpm_entries().into_iter().collect();
     let mut compiled = Vec::new();
     for (ifindex, local, fresh) in locals {
@@ -293,11 +295,15 @@ fn plan(
             tracing::warn!(uid = %local.uid, "pod without a weir.io/identity: its policy is left as it is");
             continue;
         };
-        // The agent knows its own pods' addresses before the control does.
         lpm.insert(host32(local.ip), ep.identity);
         compiled.push((*ifindex, local.ip, ep.identity, compile_policy(data, &ep)));
     }
-    (lpm.into_iter().collect(), compiled)
+    // Every ipBlock prefix keeps its CIDR slot, also where a pod's /32
+    // holds the node slot: an `except` naming a pod's address must still
+    // be the longest ipBlock match of that address.
+    let mut slots: BTreeSet<(Cidr, u32)> = lpm.into_iter().collect();
+    slots.extend(data.cidr_ids().iter().map(|(c, id)| (*c, *id)));
+    (slots, compiled)
 }
 
 /// The dataplane entries of a compiled policy, with rule numbers.
