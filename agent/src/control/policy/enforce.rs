@@ -440,3 +440,91 @@ pub async fn run(
         tokio::time::sleep(DEBOUNCE).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::policy::{IpEntry, Labels};
+
+    fn pod(ns: &str, name: &str, identity: u32) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name},
+                "annotations": {"weir.io/identity": identity.to_string()}},
+            "spec": {"containers": [{"name": "c"}]},
+        }))
+        .unwrap()
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        Cidr::parse_masked(s).unwrap()
+    }
+
+    /// An `except` naming a pod's own address keeps its CIDR slot next to
+    /// the pod's identity (else the address would fall in the enclosing
+    /// block and be allowed); the local pod's /32 is there before the
+    /// control sends it; the fresh pod object wins over the one it
+    /// started with.
+    #[test]
+    fn plan_keeps_except_slots_on_pod_addresses_and_local_pods() {
+        let mut d = PolicyData::default();
+        d.test_namespace("x", &[]);
+        let other: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        d.test_ip(
+            other,
+            IpEntry {
+                identity: 300,
+                namespace: "y".into(),
+                pod: "b".into(),
+                node: "n2".into(),
+                named_ports: Vec::new(),
+            },
+        );
+        d.test_identity(300, "y", &Labels::from([("pod".into(), "b".into())]));
+        d.test_policy(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "cidr", "namespace": "x"},
+                "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/16",
+                        "except": ["10.244.1.5/32"]}}]}]},
+            }))
+            .unwrap(),
+        );
+        let local = Local {
+            uid: "u1".into(),
+            iface: "veth1".into(),
+            ip: "10.244.2.9".parse().unwrap(),
+            pod: pod("x", "a", 400),
+        };
+        let (slots, compiled) = plan(&d, &[(7, local, Some(pod("x", "a", 401)))]);
+        let except = d.cidr_ids()[&cidr("10.244.1.5/32")];
+        let block = d.cidr_ids()[&cidr("10.244.0.0/16")];
+        for want in [
+            (cidr("10.244.1.5/32"), 300),
+            (cidr("10.244.1.5/32"), except),
+            (cidr("10.244.0.0/16"), block),
+            (cidr("10.244.2.9/32"), 401),
+        ] {
+            assert!(slots.contains(&want), "{want:?} missing from {slots:?}");
+        }
+        assert!(!slots.contains(&(cidr("10.244.2.9/32"), 400)));
+        let [(ifindex, ip, identity, pol)] = compiled.as_slice() else {
+            panic!("one endpoint: {compiled:?}");
+        };
+        assert_eq!(
+            (*ifindex, ip.to_string(), *identity),
+            (7, "10.244.2.9".into(), 401)
+        );
+        assert!(pol.ingress_enforced && !pol.egress_enforced);
+        let peers: BTreeSet<u32> = entries(pol).iter().map(|e| e.peer).collect();
+        assert!(peers.contains(&block), "{peers:?}");
+        assert!(
+            !peers.contains(&except) && !peers.contains(&300),
+            "{peers:?}"
+        );
+        assert!(
+            entries(pol)
+                .iter()
+                .any(|e| e.rule == crate::control::policy::rules::HOST_RULE)
+        );
+    }
+}
