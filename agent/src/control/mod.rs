@@ -309,7 +309,8 @@ impl Control {
                 }
             })
         });
-        let policy = policy_hub(&self.settings.address);
+        let policy = Arc::new(policy_hub(&self.settings.address));
+        let enforcer = load_enforcer(&mgr, &policy);
         let shared = Arc::new(Shared {
             control: self,
             mgr,
@@ -325,8 +326,22 @@ impl Control {
         let beat = tokio::spawn(heartbeats(shared.clone(), cancel.clone()));
         let follow = tokio::spawn(watch::follow(shared.clone(), cancel.clone()));
         let probes = tokio::spawn(events::record_probes(shared.clone(), cancel.clone()));
+        let enforce = enforcer.map(|e| {
+            let sh = shared.clone();
+            let fresh: Arc<policy::enforce::FreshPods> =
+                Arc::new(move |uid: &str| sh.desired().pods.get(uid).map(|p| p.pod.clone()));
+            tokio::spawn(policy::enforce::run(
+                e,
+                shared.mgr.clone(),
+                fresh,
+                cancel.clone(),
+            ))
+        });
         let report = tokio::spawn(report::run(shared, cancel.clone()));
         let _ = tokio::join!(beat, follow, probes, report);
+        if let Some(t) = enforce {
+            let _ = t.await;
+        }
         if let Some(t) = dns_task {
             let _ = t.await;
         }
@@ -368,7 +383,7 @@ pub(crate) struct Shared {
     /// Every service the control sent, as the load balancer needs them.
     pub(crate) services: Mutex<services::ServiceTable>,
     /// Network policy state (namespaces, identities, policies, ipcache).
-    pub(crate) policy: policy::PolicyHub,
+    pub(crate) policy: Arc<policy::PolicyHub>,
     pub(crate) desired: Mutex<Desired>,
     /// Woken when the desired set changes (the reporter looks again).
     pub(crate) desired_changed: Notify,
@@ -385,6 +400,26 @@ impl Shared {
         self.desired
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Loads network policy enforcement on the node's pin directory and hands
+/// it to the pods; `None` (logged: policies are not enforced) if the
+/// kernel refuses it.
+fn load_enforcer(
+    mgr: &Manager,
+    hub: &Arc<policy::PolicyHub>,
+) -> Option<Arc<policy::enforce::Enforcer>> {
+    match policy::enforce::Enforcer::load(mgr.dataplane().pin_dir(), hub.clone()) {
+        Ok(e) => {
+            let e = Arc::new(e);
+            mgr.set_policy(e.clone());
+            Some(e)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the network policy dataplane: policies are NOT enforced on this node");
+            None
+        }
     }
 }
 

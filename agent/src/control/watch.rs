@@ -187,12 +187,14 @@ async fn consume(
             (Some(Event::Bookmark(_)), _) => {
                 *revision = ev.revision;
                 if let Some(list) = listing.take() {
+                    // Policy first: pods started by the new list are
+                    // enforced against the complete policy state.
+                    sh.policy.replace(list.policy);
                     replace(sh, list.pods);
                     *sh.services
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = list.services;
                     sync_services(sh);
-                    sh.policy.replace(list.policy);
                     if let Some(r) = routes.as_deref_mut()
                         && let Err(e) = r.sync(&list.peers).await
                     {

@@ -22,8 +22,30 @@ use crate::{
     cri::{Runtime, events::TaskEvent},
     dataplane::Dataplane,
     net::Network,
-    state::{PodRecord, StateDir, now_unix},
+    state::{NetRecord, PodRecord, StateDir, now_unix},
 };
+
+/// Network policy enforcement on the pods' host-side veths (control mode;
+/// a standalone node has none and attaches nothing).
+pub trait PodPolicy: Send + Sync {
+    /// The pod's veth exists and none of its containers runs yet: attach
+    /// the policy programs and enforce the pod's policy. No process of the
+    /// pod starts before the future resolves `Ok` (an `Err` is retried with
+    /// the network step).
+    fn pod_up(
+        self: Arc<Self>,
+        uid: String,
+        pod: Pod,
+        net: NetRecord,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+
+    /// The pod's containers are gone: stop enforcing and detach.
+    fn pod_down(
+        self: Arc<Self>,
+        uid: String,
+        net: NetRecord,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+}
 
 /// Label keys on every containerd container weir creates.
 pub mod labels {
@@ -115,6 +137,8 @@ pub(crate) struct Shared {
     lb: OnceLock<Arc<crate::lb::Dataplane>>,
     /// Probe events (`Unhealthy`, `Killing`), for whoever records events.
     notes: tokio::sync::broadcast::Sender<probe::Note>,
+    /// Network policy enforcement (control mode).
+    policy: OnceLock<Arc<dyn PodPolicy>>,
 }
 
 impl Shared {
@@ -187,6 +211,7 @@ impl Manager {
             changes: tokio::sync::watch::Sender::new(0),
             lb: OnceLock::new(),
             notes: tokio::sync::broadcast::Sender::new(NOTES_BACKLOG),
+            policy: OnceLock::new(),
         }))
     }
 
@@ -217,6 +242,26 @@ impl Manager {
             }
         }
         let _ = self.0.lb.set(lb);
+    }
+
+    /// Hands network policy enforcement to the pods: every pod whose
+    /// network is set up from now on is enforced before its containers
+    /// start. Pods adopted earlier are the caller's to take over (see
+    /// [`Manager::pod_nets`]).
+    pub fn set_policy(&self, policy: Arc<dyn PodPolicy>) {
+        let _ = self.0.policy.set(policy);
+    }
+
+    /// The network of every recorded pod that is not being torn down:
+    /// (uid, pod, network).
+    pub fn pod_nets(&self) -> Vec<(String, Pod, NetRecord)> {
+        self.0
+            .state
+            .load_all()
+            .into_iter()
+            .filter(|r| !r.terminating)
+            .filter_map(|r| Some((r.uid, r.pod, r.net?)))
+            .collect()
     }
 
     /// Pods with their status, for the API.

@@ -429,11 +429,24 @@ impl Worker {
                 let (sh, veth, ifindex) =
                     (self.sh.clone(), net.host_veth.clone(), net.host_ifindex);
                 let attach = tokio::task::spawn_blocking(move || sh.dp.attach_pod(&veth, ifindex));
+                // Network policy is enforced before any process starts too.
+                let policy = self
+                    .sh
+                    .policy
+                    .get()
+                    .cloned()
+                    .map(|p| p.pod_up(self.rec.uid.clone(), self.rec.pod.clone(), rec.clone()));
                 self.attach = Some(
                     futures::FutureExt::boxed(async move {
                         match attach.await {
-                            Ok(r) => r.map_err(|e| format!("attach traffic counters: {e}")),
-                            Err(e) => Err(format!("attach traffic counters: {e}")),
+                            Ok(r) => r.map_err(|e| format!("attach traffic counters: {e}"))?,
+                            Err(e) => return Err(format!("attach traffic counters: {e}")),
+                        }
+                        match policy {
+                            Some(up) => {
+                                up.await.map_err(|e| format!("enforce network policy: {e}"))
+                            }
+                            None => Ok(()),
                         }
                     })
                     .shared(),
@@ -852,6 +865,12 @@ impl Worker {
                 tracing::warn!(error = %e, "cannot detach traffic counters");
                 clean = false;
             }
+        }
+        if let (Some(net), Some(policy)) = (&self.rec.net, self.sh.policy.get().cloned())
+            && let Err(e) = policy.pod_down(self.rec.uid.clone(), net.clone()).await
+        {
+            tracing::warn!(error = %e, "cannot stop enforcing network policy");
+            clean = false;
         }
         self.sh.lb_forget(&self.rec.uid);
         if let Err(e) = self.sh.net.teardown_pod(&self.rec.uid).await {

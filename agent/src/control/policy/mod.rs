@@ -10,10 +10,12 @@
 //! knows to recompile.
 
 pub mod compile;
+pub mod enforce;
 #[cfg(test)]
 mod eval;
 #[cfg(test)]
 mod netpol_tests;
+pub mod rules;
 #[cfg(test)]
 mod state_tests;
 
@@ -438,6 +440,9 @@ fn cidr_identity(c: Cidr, taken: &BTreeSet<u32>) -> u32 {
 pub struct PolicyHub {
     data: Mutex<PolicyData>,
     generation: watch::Sender<u64>,
+    /// A complete list has been received ([`PolicyHub::replace`]): until
+    /// then the state is partial and must not be enforced.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Default for PolicyHub {
@@ -445,6 +450,7 @@ impl Default for PolicyHub {
         Self {
             data: Mutex::new(PolicyData::default()),
             generation: watch::Sender::new(0),
+            synced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -482,7 +488,8 @@ impl PolicyHub {
             *d = fresh;
             changed
         };
-        if changed {
+        let first = !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if changed || first {
             self.bump();
         }
     }
@@ -492,6 +499,11 @@ impl PolicyHub {
         if self.lock().set_host_ips(ips) {
             self.bump();
         }
+    }
+
+    /// Whether a complete list has been received (the state is whole).
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A receiver that sees the generation change on every state change.
