@@ -337,9 +337,16 @@ impl Control {
                 cancel.clone(),
             ))
         });
+        let flows = enforce
+            .is_some()
+            .then(|| start_flows(&shared, cancel.clone()))
+            .flatten();
         let report = tokio::spawn(report::run(shared, cancel.clone()));
         let _ = tokio::join!(beat, follow, probes, report);
         if let Some(t) = enforce {
+            let _ = t.await;
+        }
+        if let Some(t) = flows {
             let _ = t.await;
         }
         if let Some(t) = dns_task {
@@ -422,6 +429,47 @@ fn load_enforcer(
         }
     }
 }
+
+/// Reads the policy programs' flow records (pinned next to the policy maps)
+/// into the agent's flow hub, served at `/flows` and in `/metrics`, named
+/// from the policy state: pod IPs → namespace/pod, rule numbers → policy.
+fn start_flows(
+    shared: &Arc<Shared>,
+    cancel: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let pin_dir = shared.mgr.dataplane().pin_dir().to_path_buf();
+    let (reader, counters) =
+        match crate::flows::open(&pin_dir, &crate::flows::FlowSettings::default()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "no flow records on this node");
+                return None;
+            }
+        };
+    let hub_state = shared.policy.clone();
+    let enrich = crate::flows::Enricher {
+        pod_of: Box::new(move |ip| {
+            hub_state.read(|d| {
+                d.ipcache()
+                    .get(&ip)
+                    .map(|e| (e.namespace.clone(), e.pod.clone()))
+            })
+        }),
+        policy_of: Box::new(|n| policy::rules::rule_name(n).map(|r| r.to_string())),
+    };
+    let hub = Arc::new(
+        crate::flows::FlowHub::new(shared.node(), FLOW_HISTORY, enrich).with_counters(counters),
+    );
+    crate::http::set_flow_hub(hub.clone());
+    Some(tokio::spawn(async move {
+        if let Err(e) = crate::flows::run(reader, hub, cancel).await {
+            tracing::error!(error = %e, "flow records stopped");
+        }
+    }))
+}
+
+/// Flow records kept in memory for `/flows`.
+const FLOW_HISTORY: usize = 10_000;
 
 /// The policy state, knowing this node's address as the host identity.
 fn policy_hub(address: &str) -> policy::PolicyHub {
