@@ -233,11 +233,18 @@ fn drops(env: &Env) -> String {
         .iter()
         .map(|n| {
             let pin = |map: &str| PathBuf::from(format!("/sys/fs/bpf/weir/{}/{map}", n.name));
+            let policy_log: Vec<String> = n
+                .agent_log_text()
+                .lines()
+                .filter(|l| l.contains("polic") || l.contains("ERROR"))
+                .map(str::to_owned)
+                .collect();
             format!(
-                "{} drops by reason: {}\n  endpoints: {}",
+                "{} drops by reason: {}\n  endpoints: {}\n  agent log (policy, errors):\n    {}",
                 n.name,
                 drop_counts(&pin("weir_drops_v1")),
-                endpoints(&pin("weir_pol_ep_v1"))
+                endpoints(&pin("weir_pol_ep_v1")),
+                policy_log.join("\n    ")
             )
         })
         .collect::<Vec<_>>()
@@ -547,6 +554,35 @@ fn network_policies_enforced_end_to_end() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `weirctl flows` (every node's agent, as JSON lines) shows a
+/// flow with `verdict` that `pred` accepts; the probes just made them.
+fn flow_seen(env: &Env, verdict: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<()> {
+    let out = env.c.weirctl(&[
+        "flows",
+        "--verdict",
+        verdict,
+        "-o",
+        "json",
+        "--last",
+        "2000",
+    ])?;
+    let flows: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    anyhow::ensure!(
+        flows.iter().any(&pred),
+        "weirctl flows --verdict {verdict}: none of the {} flows is the one expected:\n{}",
+        flows.len(),
+        out.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    eprintln!(
+        "weirctl flows --verdict {verdict}: {} flows, the expected one among them",
+        flows.len()
+    );
+    Ok(())
+}
+
 /// The upstream ingress cases.
 fn ingress_cases(env: &Env) -> anyhow::Result<()> {
     let same_ns = |f: &Peer, t: &Peer| f.ns == t.ns;
@@ -561,6 +597,12 @@ fn ingress_cases(env: &Env) -> anyhow::Result<()> {
         &[deny_all_ingress("x")],
         &[(80, &|_, t| !to_x(t))],
     )?;
+    flow_seen(env, "denied", |f| {
+        f["destination"]["namespace"] == "x"
+            && f["dropReason"]
+                .as_str()
+                .is_some_and(|r| r.contains("INGRESS"))
+    })?;
 
     case(
         env,
@@ -572,6 +614,11 @@ fn ingress_cases(env: &Env) -> anyhow::Result<()> {
         )],
         &[(80, &|f, t| !to_x(t) || same_ns(f, t))],
     )?;
+    flow_seen(env, "allowed", |f| {
+        f["destination"]["namespace"] == "x"
+            && f["source"]["namespace"] == "x"
+            && f["policy"] == "x/allow-same-ns"
+    })?;
 
     case(
         env,
