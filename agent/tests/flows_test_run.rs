@@ -19,7 +19,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::Arc,
     time::Duration,
@@ -31,7 +31,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use common::{
-    OBJECT, Pkt, TC_ACT_SHOT, TC_ACT_UNSPEC, TCP_PSH_ACK, TCP_SYN, TCP_SYN_ACK, classifier, frame,
+    OBJECT, Pkt, Scratch, TC_ACT_SHOT, TC_ACT_UNSPEC, TCP_PSH_ACK, TCP_SYN, TCP_SYN_ACK,
+    classifier, frame, ip,
 };
 use weir_agent::flows::{self, Enricher, FlowCounters, FlowHub, FlowReader, FlowSettings, Verdict};
 use weir_agent::policy::{Cidr, Direction, Endpoint, PolicyDataplane, PolicyEntry};
@@ -48,53 +49,6 @@ const ID_A: u32 = 1000;
 const ID_X: u32 = 300;
 
 // ----------------------------------------------------------------- rigs
-
-/// A scratch bpffs directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        reap_dead_runs();
-        let dir = PathBuf::from(format!("/sys/fs/bpf/wflow-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch bpffs dir");
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("remove {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// Removes scratch directories of runs whose process is gone.
-fn reap_dead_runs() {
-    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in dir.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((pid, _)) = name.strip_prefix("wflow-").and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Runs `f` on a thread pinned to CPU 0 (one token bucket) in a fresh
 /// network namespace holding a veth device, with its ifindex.
@@ -132,7 +86,7 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, settings: &FlowSettings) -> Self {
-        let scratch = Scratch::new(tag);
+        let scratch = Scratch::new("wflow", tag, |_| {});
         let dp = PolicyDataplane::load(&scratch.0).expect("load policy dataplane");
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&scratch.0)
@@ -601,7 +555,7 @@ fn assert_metrics(metrics: &str) {
 #[test]
 fn real_syn_carries_socket_cookie_and_service_vip() {
     let (_ns, node, pod, veth) = veth_pair();
-    let scratch = Scratch::new("real");
+    let scratch = Scratch::new("wflow", "real", |_| {});
     let (dp, ifindex) = in_ns(&node, || {
         let c = std::ffi::CString::new(veth.clone()).expect("name");
         // SAFETY: a NUL-terminated string.

@@ -25,7 +25,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -35,8 +35,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
 };
 use common::{
-    CLIENT_MAC, NODE_MAC, OBJECT, Pkt, TC_ACT_SHOT, TC_ACT_UNSPEC, TCP_FIN_ACK, TCP_PSH_ACK,
-    TCP_SYN, TCP_SYN_ACK, classifier, frame,
+    CLIENT_MAC, NODE_MAC, OBJECT, Pkt, Scratch, TC_ACT_SHOT, TC_ACT_UNSPEC, TCP_FIN_ACK,
+    TCP_PSH_ACK, TCP_SYN, TCP_SYN_ACK, classifier, frame, ip,
 };
 use weir_agent::dataplane::Dataplane;
 use weir_agent::policy::{Cidr, Decision, Direction, Endpoint, PolicyDataplane, PolicyEntry};
@@ -57,43 +57,6 @@ const ID_X: u32 = 300;
 const ID_Y: u32 = 301;
 
 // ----------------------------------------------------------------- rigs
-
-/// A scratch bpffs directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        reap_dead_runs();
-        let dir = PathBuf::from(format!("/sys/fs/bpf/wpol-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch bpffs dir");
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("remove {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// Removes scratch directories of runs whose process is gone.
-fn reap_dead_runs() {
-    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in dir.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((pid, _)) = name.strip_prefix("wpol-").and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
 
 /// Runs `f` on a thread in a fresh network namespace holding `n` veth
 /// devices, with their ifindexes (the namespace goes with the thread).
@@ -122,16 +85,6 @@ fn in_netns<T: Send>(n: usize, f: impl FnOnce(&[u32]) -> T + Send) -> T {
     })
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The agent's policy dataplane on scratch pins, and a second copy of the
 /// object on the same maps whose programs the test runs.
 struct Rig {
@@ -142,7 +95,7 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str) -> Self {
-        Self::on(Scratch::new(tag))
+        Self::on(Scratch::new("wpol", tag, |_| {}))
     }
 
     fn on(scratch: Scratch) -> Self {
@@ -847,7 +800,7 @@ fn policy_update_and_conntrack_prune() {
 #[test]
 fn conntrack_full_drops_with_reason() {
     in_netns(1, |eps| {
-        let scratch = Scratch::new("ctfull");
+        let scratch = Scratch::new("wpol", "ctfull", |_| {});
         pin_hash_map(
             &scratch.0.join(CT_MAP),
             size_of::<CtKey>(),
@@ -1164,7 +1117,7 @@ fn pod_endpoint(ingress: bool, egress: bool) -> Endpoint {
 #[test]
 fn real_tcp_through_attached_programs() {
     let pair = Pair::new();
-    let scratch = Scratch::new("real");
+    let scratch = Scratch::new("wpol", "real", |_| {});
     let (counters, dp, ifindex) = in_ns(&pair.node, || {
         let counters = Dataplane::load(&scratch.0, "n").expect("load counters");
         let c = std::ffi::CString::new(pair.veth.clone()).expect("name");

@@ -20,7 +20,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::{
@@ -39,8 +39,8 @@ use weir_common::{
 };
 
 use common::{
-    CLIENT_MAC, NODE_MAC, OBJECT, Pkt, TC_ACT_OK, TC_ACT_PIPE, TC_ACT_REDIRECT, TC_ACT_SHOT,
-    assert_csums, assert_same, be_ip, classifier, frame, ones_sum, run,
+    CLIENT_MAC, NODE_MAC, OBJECT, Pkt, Scratch, TC_ACT_OK, TC_ACT_PIPE, TC_ACT_REDIRECT,
+    TC_ACT_SHOT, assert_csums, assert_same, be_ip, classifier, frame, ones_sum, run,
 };
 
 const NODE: &str = "wptr-node";
@@ -86,49 +86,10 @@ fn maglev_pick(t: &[Backend], k: &FlowKey) -> Backend {
 
 // ----------------------------------------------------------------- rigs
 
-/// A scratch bpffs directory, removed (with any `NodePort` links) on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        reap_dead_runs();
-        let dir = PathBuf::from(format!("/sys/fs/bpf/wptr-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch bpffs dir");
-        Self(dir)
-    }
-}
-
-/// Removes scratch directories of test runs that died without dropping
-/// them (their process is gone).
-fn reap_dead_runs() {
-    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in dir.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("wptr-")
-            .and_then(|r| r.split_once('-'))
-            .map(|(pid, _)| pid.to_owned())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(&pid).exists() {
-            let _ = NodePort::remove(&e.path().join("np"));
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = NodePort::remove(&self.0.join("np")) {
-            eprintln!("remove NodePort links: {e}");
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("remove {}: {e}", self.0.display());
-        }
+/// Unpins a scratch directory's `NodePort` links.
+fn remove_np_links(dir: &Path) {
+    if let Err(e) = NodePort::remove(&dir.join("np")) {
+        eprintln!("remove NodePort links: {e}");
     }
 }
 
@@ -144,7 +105,7 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str) -> Self {
-        let scratch = Scratch::new(tag);
+        let scratch = Scratch::new("wptr", tag, remove_np_links);
         let dir = scratch.0.join("np");
         // NodePort attaches to an uplink: the loopback of a network
         // namespace of a thread of ours, which nothing else sees.
@@ -720,7 +681,7 @@ fn nodeport_backend_removal_disrupts_little() {
 /// packet (`TC_ACT_PIPE`) and never change it.
 #[test]
 fn traffic_counters_count_by_direction() {
-    let scratch = Scratch::new("counters");
+    let scratch = Scratch::new("wptr", "counters", remove_np_links);
     let dp = Dataplane::load(&scratch.0, "ctr").expect("load dataplane");
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(scratch.0.join("weir").join("ctr"))

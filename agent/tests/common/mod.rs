@@ -5,6 +5,8 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
 };
 
 use aya::{
@@ -217,4 +219,60 @@ pub fn run(ebpf: &Ebpf, prog: &str, f: &[u8]) -> (u32, Vec<u8>) {
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog} on {} bytes: {e:?}", f.len()));
     out.truncate(usize::try_from(r.data_size_out).expect("size"));
     (r.return_value, out)
+}
+
+/// A scratch bpffs directory `/sys/fs/bpf/<prefix>-<pid>-<tag>`, removed on
+/// drop after `.1` (e.g. unpinning links) has run on it.
+pub struct Scratch(pub PathBuf, fn(&Path));
+
+impl Scratch {
+    /// Makes the directory, first removing those of runs (same `prefix`)
+    /// that died without dropping theirs (their process is gone).
+    pub fn new(prefix: &str, tag: &str, cleanup: fn(&Path)) -> Self {
+        reap_dead_runs(prefix, cleanup);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch bpffs dir");
+        Self(dir, cleanup)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        (self.1)(&self.0);
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+fn reap_dead_runs(prefix: &str, cleanup: fn(&Path)) {
+    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in dir.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((pid, _)) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split_once('-'))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            cleanup(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Runs `ip` (as an observer/set-up tool), panicking with its stderr.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
