@@ -88,6 +88,9 @@ fn pod_json(ns: &str, name: &str, node: &str) -> Value {
                 "ports": [
                     {"name": "serve-80-tcp", "containerPort": 80},
                     {"name": "serve-81-tcp", "containerPort": 81},
+                    // Served by the test's own UDP echo servers.
+                    {"name": "serve-80-udp", "containerPort": 80, "protocol": "UDP"},
+                    {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"},
                 ],
             }],
         },
@@ -1075,6 +1078,22 @@ fn port_cases(env: &Env) -> anyhow::Result<()> {
 
     case(
         env,
+        "should allow ingress access on one named port [UDP]",
+        &[pol(
+            "x",
+            "allow-81-udp-named",
+            "",
+            json!({"ingress": [{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]}),
+        )],
+        &[
+            (U81, &all),
+            (U80, &|_, t| !to_x(t)),
+            (T81, &|_, t| !to_x(t)),
+        ],
+    )?;
+
+    case(
+        env,
         "should allow ingress access from namespace on one named port",
         &[pol(
             "x",
@@ -1580,6 +1599,24 @@ fn update_cases(env: &Env) -> anyhow::Result<()> {
     })();
     relabel_pod(env, xa_peer, &json!({}))?;
     res?;
+    // The re-applies replaced the labels (nothing later sees the extras).
+    let labels = |kind: &str, ns: &str, name: &str| {
+        env.api
+            .get(kind, ns, name)
+            .map(|v| v["metadata"]["labels"].clone())
+            .unwrap_or_default()
+    };
+    for (kind, ns, name, extra) in [
+        ("Namespace", "", "y", "ns2"),
+        ("Pod", "x", "b", "pod2"),
+        ("Pod", "x", "a", "target"),
+    ] {
+        let l = labels(kind, ns, name);
+        ensure!(
+            l.is_object() && l.get(extra).is_none(),
+            "{kind} {name}: labels not restored: {l}"
+        );
+    }
     clear(env)?;
     check_quiet(env, "labels restored", T80, &expect(&env.pods, all))?;
     Ok(())
