@@ -1,10 +1,14 @@
 //! `NetworkPolicy` enforced end to end on a real weir cluster: weir-control
 //! and two weir-agents in control mode, the upstream Kubernetes
 //! `test/e2e/network/netpol` layout (namespaces x, y, z × pods a, b, c,
-//! busybox httpd on ports 80 and 81, spread over both nodes) and the full
-//! 9×9 TCP reachability matrix probed from inside each pod's network
-//! namespace, checked against each case's expected matrix (written as
-//! upstream writes them: a rule per (from, to), loopback always allowed).
+//! busybox httpd on ports 80 and 81, the test's UDP echo servers on 80
+//! and 81, spread over both nodes) and the full 9×9 reachability matrix
+//! (TCP, and UDP where the upstream case does) probed from inside each
+//! pod's network namespace, checked against each case's expected matrix
+//! (written as upstream writes them: a rule per (from, to), loopback
+//! always allowed). The cases are upstream's `network_policy.go` ones by
+//! name (SCTP ones: weir refuses SCTP policies, which is asserted), each
+//! check printing how many same-node and cross-node pairs it covered.
 //! A matrix is probed until it matches or [`CONVERGE`] passes (policies
 //! take a moment to reach the nodes), so a failure prints the last matrix
 //! with the differences marked. Needs root.
