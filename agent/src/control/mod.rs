@@ -327,6 +327,9 @@ impl Control {
         let follow = tokio::spawn(watch::follow(shared.clone(), cancel.clone()));
         let probes = tokio::spawn(events::record_probes(shared.clone(), cancel.clone()));
         let isolation = enforcer.clone();
+        if let Some(e) = &enforcer {
+            set_explainer(&shared, e.clone());
+        }
         let enforce = enforcer.map(|e| {
             let sh = shared.clone();
             let fresh: Arc<policy::enforce::FreshPods> =
@@ -478,6 +481,17 @@ fn start_flows(
             tracing::error!(error = %e, "flow records stopped");
         }
     }))
+}
+
+/// Serves `GET /policy/explain` from the enforcer's maps and the policy
+/// state.
+fn set_explainer(shared: &Arc<Shared>, enforcer: Arc<policy::enforce::Enforcer>) {
+    let node = shared.node().to_owned();
+    crate::http::set_policy_explainer(Arc::new(move |q| {
+        let local = |ns: &str, name: &str| enforcer.local_endpoint(ns, name);
+        let data = enforcer.hub().read(Clone::clone);
+        policy::explain::explain(&*enforcer, &data, &local, &node, q)
+    }));
 }
 
 /// Flow records kept in memory for `/flows`.
