@@ -191,7 +191,7 @@ fn encode(v: &str) -> String {
 }
 
 /// How an identity is named when the address is not a known pod.
-fn identity_name(id: u32) -> Option<&'static str> {
+pub fn identity_name(id: u32) -> Option<&'static str> {
     match id {
         1 => Some("host"),
         2 => Some("world"),
@@ -398,7 +398,7 @@ impl Lines {
 }
 
 /// Reads the status line and headers: (status code, chunked).
-async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, bool)> {
+pub async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, bool)> {
     let mut line = String::new();
     r.read_line(&mut line)
         .await
@@ -423,7 +423,7 @@ async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, b
 }
 
 /// Hands the body to `f` as it arrives (chunked or until EOF).
-async fn read_body<R: AsyncBufRead + Unpin>(
+pub async fn read_body<R: AsyncBufRead + Unpin>(
     r: &mut R,
     chunked: bool,
     mut f: impl FnMut(&[u8]),
