@@ -92,8 +92,8 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Service>,
     /// The `NetworkPolicy` (`namespace/name`, or `host`) whose rule
-    /// allowed the flow; for a policy denial the first of
-    /// [`Self::policies`]; none when nothing enforced it.
+    /// allowed the flow; none when nothing enforced it or it was denied
+    /// (see [`Self::policies`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// A policy denial's isolating policies (`namespace/name`): those that
@@ -217,12 +217,8 @@ pub(crate) fn enrich(r: &FlowRecord, node: &str, wall_ns: i128, names: &Names<'_
     } else {
         Vec::new()
     };
-    let policy = if verdict == Verdict::Allowed {
-        (!unnamed && r.rule != 0)
-            .then(|| (names.policy_of)(r.rule).unwrap_or_else(|| format!("rule-{}", r.rule)))
-    } else {
-        policies.first().cloned()
-    };
+    let policy = (verdict == Verdict::Allowed && !unnamed && r.rule != 0)
+        .then(|| (names.policy_of)(r.rule).unwrap_or_else(|| format!("rule-{}", r.rule)));
     let mut flags = Vec::new();
     if r.flags & FLOW_F_UNENFORCED != 0 {
         flags.push("unenforced".to_owned());
@@ -446,7 +442,8 @@ mod tests {
     }
 
     /// A policy denial names the policies isolating its endpoint in its
-    /// direction (the first also as `policy`); other drops name none.
+    /// direction (`policies`; `policy` stays the allowing one: none);
+    /// other drops name none.
     #[test]
     fn denials_name_the_isolating_policies() {
         fn isolating(ep: u32, dir: u8) -> Vec<String> {
@@ -462,7 +459,7 @@ mod tests {
         };
         let f = enrich(&record(FLOW_VERDICT_DENIED, 1, 0, 0), "n1", 0, &names);
         assert_eq!(f.policies, ["x/deny-all", "x/allow-y"]);
-        assert_eq!(f.policy.as_deref(), Some("x/deny-all"));
+        assert_eq!(f.policy, None);
         let line = serde_json::to_string(&f).expect("json");
         assert!(
             line.contains("\"policies\":[\"x/deny-all\",\"x/allow-y\"]"),

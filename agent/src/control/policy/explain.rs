@@ -210,6 +210,9 @@ pub trait Judge {
         port: u16,
         proto: u8,
     ) -> Result<Decision, PolicyError>;
+    /// The peer's (identity, CIDR identity) from the ipcache's longest
+    /// match (world, 0 on a miss), for sides `decide` does not look up.
+    fn identity_of(&self, ip: Ipv4Addr) -> Result<(u32, u32), PolicyError>;
     /// The policies isolating `ifindex` in `dir`.
     fn isolating(&self, ifindex: u32, dir: PolDirection) -> Vec<String>;
     /// The name of rule number `rule`.
@@ -230,6 +233,16 @@ impl Judge for Enforcer {
         proto: u8,
     ) -> Result<Decision, PolicyError> {
         self.dataplane().decide(ifindex, dir, peer, port, proto)
+    }
+
+    fn identity_of(&self, ip: Ipv4Addr) -> Result<(u32, u32), PolicyError> {
+        let best = self
+            .dataplane()
+            .ipcache()?
+            .into_iter()
+            .filter(|(c, _)| c.contains(ip))
+            .max_by_key(|(c, _)| c.prefix);
+        Ok(best.map_or((super::ID_WORLD, 0), |(_, v)| (v.identity, v.cidr_identity)))
     }
 
     fn isolating(&self, ifindex: u32, dir: PolDirection) -> Vec<String> {
@@ -341,7 +354,11 @@ fn step(
     let decision = judge.decide(ifindex, dp_dir, peer_ip, q.port, q.proto)?;
     let enforced = ep.is_some_and(|e| e.enforces(dp_dir));
     let (allowed, peer_cidr_identity, policy, matched_key) = match decision {
-        Decision::Unenforced => (true, 0, None, None),
+        Decision::Unenforced => {
+            let (id, cidr) = judge.identity_of(peer_ip)?;
+            peer.identity = id;
+            (true, cidr, None, None)
+        }
         Decision::Allowed {
             entry,
             peer_identity,
@@ -454,6 +471,10 @@ mod tests {
             })
         }
 
+        fn identity_of(&self, ip: Ipv4Addr) -> Result<(u32, u32), PolicyError> {
+            Ok(if ip == B { (400, 0) } else { (2, 0) })
+        }
+
         fn isolating(&self, ifindex: u32, dir: PolDirection) -> Vec<String> {
             if ifindex == 20 && dir == PolDirection::Ingress {
                 vec!["y/deny-all".into(), "y/allow-x".into()]
@@ -518,6 +539,10 @@ mod tests {
         assert!(!egress.enforced && egress.allowed() && egress.isolated_by.is_empty());
         assert_eq!(egress.endpoint.identity, 300);
         assert_eq!(egress.peer.pod.as_deref(), Some("b"));
+        assert_eq!(
+            egress.peer.identity, 400,
+            "from the ipcache when unenforced"
+        );
         assert_eq!(ingress.direction, "ingress");
         assert!(ingress.enforced && ingress.allowed());
         assert_eq!(ingress.policy.as_deref(), Some("y/allow-x"));

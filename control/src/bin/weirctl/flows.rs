@@ -137,7 +137,7 @@ pub struct Flow {
     pub destination: Peer,
     /// The service VIP the socket LB translated.
     pub service: Option<Service>,
-    /// The allowing policy (a denial: its first isolating policy).
+    /// The allowing policy.
     pub policy: Option<String>,
     /// A policy denial's isolating policies.
     pub policies: Vec<String>,
@@ -470,7 +470,7 @@ mod tests {
 
     const DENIED: &str = r#"{"time":"2026-11-25T19:30:01.123456789Z","node":"n1","verdict":"DENIED","dropReason":"POLICY_DENIED_INGRESS","direction":"ingress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40000,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":80,"identity":1000,"namespace":"y","pod":"b"},"rule":0,"tcpFlags":"SYN","suppressed":2}"#;
     const ALLOWED: &str = r#"{"time":"2026-11-25T19:30:02.456Z","node":"n2","verdict":"ALLOWED","direction":"egress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40001,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":8080,"identity":1000,"namespace":"y","pod":"b"},"service":{"ip":"10.96.0.20","port":80},"policy":"x/allow-egress","rule":3,"tcpFlags":"SYN"}"#;
-    const DENIED_BY: &str = r#"{"time":"2026-11-25T19:30:04Z","node":"n1","verdict":"DENIED","dropReason":"POLICY_DENIED_INGRESS","direction":"ingress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40000,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":80,"identity":1000,"namespace":"y","pod":"b"},"policy":"y/deny-all","policies":["y/deny-all","y/allow-z"],"rule":0,"tcpFlags":"SYN"}"#;
+    const DENIED_BY: &str = r#"{"time":"2026-11-25T19:30:04Z","node":"n1","verdict":"DENIED","dropReason":"POLICY_DENIED_INGRESS","direction":"ingress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40000,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":80,"identity":1000,"namespace":"y","pod":"b"},"policies":["y/deny-all","y/allow-z"],"rule":0,"tcpFlags":"SYN"}"#;
     const WORLD: &str = r#"{"time":"2026-11-25T19:30:03Z","node":"n1","verdict":"ALLOWED","direction":"egress","protocol":"UDP","source":{"ip":"10.244.2.9","port":5353,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"192.0.2.7","port":53,"identity":2},"rule":0,"flags":["unenforced"]}"#;
 
     #[test]
