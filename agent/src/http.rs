@@ -255,7 +255,6 @@ impl ExplainQuery {
 
 /// `GET /policy/explain`.
 async fn policy_explain(
-    State(app): State<App>,
     q: Result<Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -281,7 +280,8 @@ async fn policy_explain(
     };
     match tokio::task::spawn_blocking(move || f(&q)).await {
         Ok(Ok(steps)) => {
-            Json(serde_json::json!({"node": app.node, "steps": steps})).into_response()
+            let node = steps.first().map(|s| s.node.clone()).unwrap_or_default();
+            Json(serde_json::json!({"node": node, "steps": steps})).into_response()
         }
         Ok(Err(
             e @ (explain::ExplainError::NotLocal { .. } | explain::ExplainError::NoAddress(_)),
@@ -709,5 +709,49 @@ mod tests {
         assert!(more.contains("\"port\":82"), "{more}");
         assert!(!more.contains("\"port\":83"), "filtered: {more}");
         assert!(!more.contains("\"port\":81"), "no past flows: {more}");
+    }
+
+    #[tokio::test]
+    async fn policy_explain_answers_and_refuses() {
+        use crate::control::policy::explain::{ExplainError, Step};
+        set_policy_explainer(Arc::new(|q: &explain::Query| match &q.dst {
+            explain::Target::Pod { name, .. } if name == "a" => Ok(vec![Step {
+                node: "n1".into(),
+                direction: "ingress".into(),
+                verdict: "DENIED".into(),
+                isolated_by: vec!["x/deny-all".into()],
+                ..Step::default()
+            }]),
+            _ => Err(ExplainError::NotLocal {
+                src: q.src.to_string(),
+                dst: q.dst.to_string(),
+                node: "n1".into(),
+            }),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/policy/explain", get(policy_explain));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut c = request(addr, "/policy/explain?src=y/b&dst=x/a&port=80").await;
+        let ok = read_until(&mut c, "}]}").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("\"node\":\"n1\""), "{ok}");
+        assert!(ok.contains("\"isolatedBy\":[\"x/deny-all\"]"), "{ok}");
+        let mut c = request(addr, "/policy/explain?src=y/b&dst=x/zz&port=80").await;
+        let nf = read_until(&mut c, "is a pod").await;
+        assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+        for (q, want) in [
+            ("src=y/b&dst=x/a&port=80&protocol=SCTP", "TCP or UDP"),
+            ("src=y/b&dst=web&port=80", "dst:"),
+            ("src=y/b&dst=x/a&port=80&direction=up", "egress or ingress"),
+            ("src=y/b&dst=x/a", "want src"),
+        ] {
+            let mut c = request(addr, &format!("/policy/explain?{q}")).await;
+            let bad = read_until(&mut c, want).await;
+            assert!(bad.starts_with("HTTP/1.1 400"), "{q}: {bad}");
+        }
     }
 }

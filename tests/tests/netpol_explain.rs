@@ -5,7 +5,8 @@
 //! with the identity and key that matched, across nodes) and x/c → x/a:80
 //! and an outside address → x/a are denied by the default deny of both
 //! isolating policies (exit 1); a real denied connection must show in
-//! `weirctl flows --verdict denied -o json` naming them. Needs root.
+//! `weirctl flows --verdict denied -o json` naming them, and be counted
+//! per isolating policy in `weir_policy_verdicts_total`. Needs root.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -251,6 +252,24 @@ fn denied_flow(env: &Env) -> anyhow::Result<()> {
     ensure!(
         flow["policy"].is_null(),
         "policy names only an allowing one: {flow}"
+    );
+    let node = env.c.node_named(&env.nodes[0]).context("node 0")?;
+    let metrics = node.metrics()?;
+    let counted = |policy: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("weir_policy_verdicts_total{")
+                && l.contains(&format!("policy=\"{policy}\""))
+                && l.contains("verdict=\"denied\"")
+        })
+    };
+    ensure!(
+        counted("x/deny-all") && counted("x/allow-from-y") && !counted("default-deny"),
+        "denials counted per isolating policy:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("weir_policy_verdicts"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let text = env
         .c
