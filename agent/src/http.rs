@@ -6,6 +6,10 @@
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}/log?container=C&follow=true`
 //! - `GET /flows?follow=true&namespace=N&pod=P&verdict=allowed|denied&port=N&limit=N`
 //!   (JSON lines, see [`crate::flows::Flow`])
+//! - `GET /policy/explain?src=NS/POD|IP&dst=NS/POD|IP&port=N&protocol=TCP|UDP&direction=egress|ingress`
+//!   (JSON `{"node", "steps": [...]}`, see [`crate::control::policy::explain::Step`]):
+//!   the verdict of this node's policy maps on a new connection, for the
+//!   ends that are pods of this node (404 if neither is)
 //! - `GET /healthz`
 
 use std::{
@@ -39,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use weir_common::{BACKENDS_MAP, SVC_MAP};
 
+use crate::control::policy::explain;
 use crate::flows::{Flow, FlowFilter, FlowHub, Verdict};
 use crate::pod::Manager;
 
@@ -62,6 +67,7 @@ pub async fn serve(
         .route("/api/v1/namespaces/{ns}/pods/{name}", get(pod))
         .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(logs))
         .route("/flows", get(flows))
+        .route("/policy/explain", get(policy_explain))
         .with_state(App { mgr, node });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving metrics, pods and logs");
@@ -194,6 +200,94 @@ static FLOW_HUB: OnceLock<Arc<FlowHub>> = OnceLock::new();
 pub fn set_flow_hub(hub: Arc<FlowHub>) {
     if FLOW_HUB.set(hub).is_err() {
         tracing::warn!("a flow hub is already set; keeping the first");
+    }
+}
+
+/// Answers a `policy explain` question with this node's policy maps.
+pub type Explainer =
+    dyn Fn(&explain::Query) -> Result<Vec<explain::Step>, explain::ExplainError> + Send + Sync;
+
+/// The node's policy explainer, once policy enforcement runs.
+static EXPLAINER: OnceLock<Arc<Explainer>> = OnceLock::new();
+
+/// Serves `f` on `GET /policy/explain`. Only the first call counts.
+pub fn set_policy_explainer(f: Arc<Explainer>) {
+    if EXPLAINER.set(f).is_err() {
+        tracing::warn!("a policy explainer is already set; keeping the first");
+    }
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    src: String,
+    dst: String,
+    port: u16,
+    #[serde(default)]
+    protocol: String,
+    direction: Option<String>,
+}
+
+impl ExplainQuery {
+    fn query(&self) -> Result<explain::Query, String> {
+        use crate::control::policy::Direction;
+        let direction = match self.direction.as_deref().unwrap_or_default() {
+            "" => None,
+            "egress" => Some(Direction::Egress),
+            "ingress" => Some(Direction::Ingress),
+            d => {
+                return Err(format!(
+                    "direction {d:?} is not valid: use egress or ingress"
+                ));
+            }
+        };
+        if self.port == 0 {
+            return Err("port 0 is not valid: use 1-65535".to_owned());
+        }
+        Ok(explain::Query {
+            src: explain::Target::parse(&self.src).map_err(|e| format!("src: {e}"))?,
+            dst: explain::Target::parse(&self.dst).map_err(|e| format!("dst: {e}"))?,
+            port: self.port,
+            proto: explain::parse_protocol(&self.protocol)?,
+            direction,
+        })
+    }
+}
+
+/// `GET /policy/explain`.
+async fn policy_explain(
+    q: Result<Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{e}: want src, dst, port (and protocol, direction)\n"),
+            )
+                .into_response();
+        }
+    };
+    let Some(f) = EXPLAINER.get().cloned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "network policy is not enforced on this node\n",
+        )
+            .into_response();
+    };
+    let q = match q.query() {
+        Ok(q) => q,
+        Err(msg) => return (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response(),
+    };
+    match tokio::task::spawn_blocking(move || f(&q)).await {
+        Ok(Ok(steps)) => {
+            let node = steps.first().map(|s| s.node.clone()).unwrap_or_default();
+            Json(serde_json::json!({"node": node, "steps": steps})).into_response()
+        }
+        Ok(Err(
+            e @ (explain::ExplainError::NotLocal { .. } | explain::ExplainError::NoAddress(_)),
+        )) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
@@ -615,5 +709,49 @@ mod tests {
         assert!(more.contains("\"port\":82"), "{more}");
         assert!(!more.contains("\"port\":83"), "filtered: {more}");
         assert!(!more.contains("\"port\":81"), "no past flows: {more}");
+    }
+
+    #[tokio::test]
+    async fn policy_explain_answers_and_refuses() {
+        use crate::control::policy::explain::{ExplainError, Step};
+        set_policy_explainer(Arc::new(|q: &explain::Query| match &q.dst {
+            explain::Target::Pod { name, .. } if name == "a" => Ok(vec![Step {
+                node: "n1".into(),
+                direction: "ingress".into(),
+                verdict: "DENIED".into(),
+                isolated_by: vec!["x/deny-all".into()],
+                ..Step::default()
+            }]),
+            _ => Err(ExplainError::NotLocal {
+                src: q.src.to_string(),
+                dst: q.dst.to_string(),
+                node: "n1".into(),
+            }),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/policy/explain", get(policy_explain));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut c = request(addr, "/policy/explain?src=y/b&dst=x/a&port=80").await;
+        let ok = read_until(&mut c, "}]}").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("\"node\":\"n1\""), "{ok}");
+        assert!(ok.contains("\"isolatedBy\":[\"x/deny-all\"]"), "{ok}");
+        let mut c = request(addr, "/policy/explain?src=y/b&dst=x/zz&port=80").await;
+        let nf = read_until(&mut c, "is a pod").await;
+        assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+        for (q, want) in [
+            ("src=y/b&dst=x/a&port=80&protocol=SCTP", "TCP or UDP"),
+            ("src=y/b&dst=web&port=80", "dst:"),
+            ("src=y/b&dst=x/a&port=80&direction=up", "egress or ingress"),
+            ("src=y/b&dst=x/a", "want src"),
+        ] {
+            let mut c = request(addr, &format!("/policy/explain?{q}")).await;
+            let bad = read_until(&mut c, want).await;
+            assert!(bad.starts_with("HTTP/1.1 400"), "{q}: {bad}");
+        }
     }
 }

@@ -326,6 +326,10 @@ impl Control {
         let beat = tokio::spawn(heartbeats(shared.clone(), cancel.clone()));
         let follow = tokio::spawn(watch::follow(shared.clone(), cancel.clone()));
         let probes = tokio::spawn(events::record_probes(shared.clone(), cancel.clone()));
+        let isolation = enforcer.clone();
+        if let Some(e) = &enforcer {
+            set_explainer(&shared, e.clone());
+        }
         let enforce = enforcer.map(|e| {
             let sh = shared.clone();
             let fresh: Arc<policy::enforce::FreshPods> =
@@ -337,10 +341,7 @@ impl Control {
                 cancel.clone(),
             ))
         });
-        let flows = enforce
-            .is_some()
-            .then(|| start_flows(&shared, cancel.clone()))
-            .flatten();
+        let flows = isolation.and_then(|e| start_flows(&shared, e, cancel.clone()));
         let report = tokio::spawn(report::run(shared, cancel.clone()));
         let _ = tokio::join!(beat, follow, probes, report);
         if let Some(t) = enforce {
@@ -432,9 +433,11 @@ fn load_enforcer(
 
 /// Reads the policy programs' flow records (pinned next to the policy maps)
 /// into the agent's flow hub, served at `/flows` and in `/metrics`, named
-/// from the policy state: pod IPs → namespace/pod, rule numbers → policy.
+/// from the policy state: pod IPs → namespace/pod, rule numbers → policy,
+/// a denial's endpoint → the policies isolating it (from the enforcer).
 fn start_flows(
     shared: &Arc<Shared>,
+    enforcer: Arc<policy::enforce::Enforcer>,
     cancel: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let pin_dir = shared.mgr.dataplane().pin_dir().to_path_buf();
@@ -458,7 +461,19 @@ fn start_flows(
         policy_of: Box::new(|n| policy::rules::rule_name(n).map(|r| r.to_string())),
     };
     let hub = Arc::new(
-        crate::flows::FlowHub::new(shared.node(), FLOW_HISTORY, enrich).with_counters(counters),
+        crate::flows::FlowHub::new(shared.node(), FLOW_HISTORY, enrich)
+            .with_counters(counters)
+            .with_isolation(Box::new(move |ep, dir| {
+                let dir = if dir == weir_common::DIR_INGRESS {
+                    policy::Direction::Ingress
+                } else {
+                    policy::Direction::Egress
+                };
+                enforcer
+                    .isolation(ep)
+                    .map(|i| i.get(dir).iter().map(ToString::to_string).collect())
+                    .unwrap_or_default()
+            })),
     );
     crate::http::set_flow_hub(hub.clone());
     Some(tokio::spawn(async move {
@@ -466,6 +481,17 @@ fn start_flows(
             tracing::error!(error = %e, "flow records stopped");
         }
     }))
+}
+
+/// Serves `GET /policy/explain` from the enforcer's maps and the policy
+/// state.
+fn set_explainer(shared: &Arc<Shared>, enforcer: Arc<policy::enforce::Enforcer>) {
+    let node = shared.node().to_owned();
+    crate::http::set_policy_explainer(Arc::new(move |q| {
+        let local = |ns: &str, name: &str| enforcer.local_endpoint(ns, name);
+        let data = enforcer.hub().read(Clone::clone);
+        policy::explain::explain(&*enforcer, &data, &local, &node, q)
+    }));
 }
 
 /// Flow records kept in memory for `/flows`.

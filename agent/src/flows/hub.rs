@@ -23,6 +23,9 @@ use super::{
 pub type PodLookup = Box<dyn Fn(Ipv4Addr) -> Option<(String, String)> + Send + Sync>;
 /// Rule number → `namespace/name` (or `host`).
 pub type PolicyLookup = Box<dyn Fn(u32) -> Option<String> + Send + Sync>;
+/// (endpoint ifindex, direction byte `DIR_INGRESS`/`DIR_EGRESS`) → the
+/// policies (`namespace/name`) isolating that endpoint in that direction.
+pub type IsolationLookup = Box<dyn Fn(u32, u8) -> Vec<String> + Send + Sync>;
 
 /// The lookups that name what flow records only number.
 pub struct Enricher {
@@ -43,21 +46,28 @@ impl Enricher {
     }
 }
 
-/// The `policy` label of a flow's verdict counter: the allowing policy,
-/// `default-deny` for a policy denial, `none` otherwise.
-fn policy_label(f: &Flow) -> String {
+/// The `policy` labels of a flow's verdict counter: the allowing policy;
+/// for a policy denial each isolating policy (`default-deny` if none is
+/// known); `none` otherwise.
+fn policy_labels(f: &Flow) -> Vec<String> {
+    if !f.policies.is_empty() {
+        return f.policies.clone();
+    }
     if let Some(p) = &f.policy {
-        return p.clone();
+        return vec![p.clone()];
     }
     let denied_by_policy = matches!(
         f.drop_reason.as_deref(),
         Some(r) if r == DropReason::PolicyDeniedIngress.name() || r == DropReason::PolicyDeniedEgress.name()
     );
-    if denied_by_policy {
-        "default-deny".to_owned()
-    } else {
-        "none".to_owned()
-    }
+    vec![
+        if denied_by_policy {
+            "default-deny"
+        } else {
+            "none"
+        }
+        .to_owned(),
+    ]
 }
 
 struct Inner {
@@ -75,6 +85,7 @@ pub struct FlowHub {
     node: String,
     capacity: usize,
     enrich: Enricher,
+    isolating_of: IsolationLookup,
     inner: Mutex<Inner>,
     tx: broadcast::Sender<(u64, Arc<Flow>)>,
     counters: Option<Mutex<FlowCounters>>,
@@ -102,6 +113,7 @@ impl FlowHub {
             node: node.to_owned(),
             capacity: capacity.max(1),
             enrich,
+            isolating_of: Box::new(|_, _| Vec::new()),
             inner: Mutex::new(Inner {
                 ring: VecDeque::new(),
                 next: 0,
@@ -119,6 +131,14 @@ impl FlowHub {
         self
     }
 
+    /// Names a policy denial by the policies isolating its endpoint (see
+    /// [`IsolationLookup`]); without it denials are `default-deny`.
+    #[must_use]
+    pub fn with_isolation(mut self, lookup: IsolationLookup) -> Self {
+        self.isolating_of = lookup;
+        self
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner
             .lock()
@@ -131,14 +151,14 @@ impl FlowHub {
         let names = Names {
             pod_of: &*self.enrich.pod_of,
             policy_of: &*self.enrich.policy_of,
+            isolating: &*self.isolating_of,
         };
         let flow = Arc::new(record::enrich(r, &self.node, wall_ns, &names));
         let mut inner = self.inner();
         let n = 1 + u64::from(flow.suppressed);
-        *inner
-            .verdicts
-            .entry((policy_label(&flow), flow.verdict))
-            .or_default() += n;
+        for label in policy_labels(&flow) {
+            *inner.verdicts.entry((label, flow.verdict)).or_default() += n;
+        }
         let seq = inner.next;
         inner.next += 1;
         if inner.ring.len() == self.capacity {
@@ -187,7 +207,7 @@ impl FlowHub {
         }
         reg.register(
             "weir_policy_verdicts",
-            "Flows by the policy that allowed them (default-deny: denied by policy; none: nothing enforced) and verdict, from the flow records (denials with the ones aggregated into them)",
+            "Flows by policy and verdict, from the flow records (denials with the ones aggregated into them): allowed by the policy that allowed them; denied by policy once per policy isolating the endpoint (default-deny: not known); none: nothing enforced",
             verdicts,
         );
         let Some(counters) = &self.counters else {
@@ -349,5 +369,30 @@ mod tests {
             !text.contains("weir_policy_drops"),
             "no counters without maps"
         );
+    }
+
+    #[test]
+    fn denials_count_per_isolating_policy() {
+        let h = hub(10).with_isolation(Box::new(|ep, dir| {
+            if ep == 4 && dir == DIR_INGRESS {
+                vec!["x/deny-all".into(), "x/allow-y".into()]
+            } else {
+                Vec::new()
+            }
+        }));
+        let mut r = rec(FLOW_VERDICT_DENIED, 1, 0, 80, 2);
+        r.ep = 4;
+        let f = h.ingest(&r, 0);
+        assert_eq!(f.policies, ["x/deny-all", "x/allow-y"]);
+        // Another endpoint: not known.
+        h.ingest(&rec(FLOW_VERDICT_DENIED, 1, 0, 81, 0), 0);
+        let text = h.render_metrics();
+        for want in [
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"x/deny-all\",verdict=\"denied\"} 3",
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"x/allow-y\",verdict=\"denied\"} 3",
+            "weir_policy_verdicts_total{node=\"n1\",policy=\"default-deny\",verdict=\"denied\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
     }
 }

@@ -92,9 +92,15 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Service>,
     /// The `NetworkPolicy` (`namespace/name`, or `host`) whose rule
-    /// allowed the flow; none when nothing enforced it or it was denied.
+    /// allowed the flow; none when nothing enforced it or it was denied
+    /// (see [`Self::policies`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// A policy denial's isolating policies (`namespace/name`): those that
+    /// select the endpoint for the direction, none of which allowed the
+    /// flow (Kubernetes' default deny of an isolated pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
     /// The rule number from the policy map (0: none).
     #[serde(default)]
     pub rule: u32,
@@ -121,6 +127,16 @@ pub(crate) struct Names<'a> {
     pub(crate) pod_of: &'a (dyn Fn(Ipv4Addr) -> Option<(String, String)> + Send + Sync),
     /// Rule number → `namespace/name` or `host`.
     pub(crate) policy_of: &'a (dyn Fn(u32) -> Option<String> + Send + Sync),
+    /// (endpoint ifindex, direction byte) → the policies isolating it.
+    pub(crate) isolating: &'a (dyn Fn(u32, u8) -> Vec<String> + Send + Sync),
+}
+
+/// Whether a drop reason (as the record numbers it) is a policy denial.
+fn policy_denial(reason: u8) -> bool {
+    matches!(
+        DropReason::from_index(u32::from(reason)),
+        Some(DropReason::PolicyDeniedIngress | DropReason::PolicyDeniedEgress)
+    )
 }
 
 /// The record in a ring buffer item, if it is one.
@@ -196,6 +212,11 @@ pub(crate) fn enrich(r: &FlowRecord, node: &str, wall_ns: i128, names: &Names<'_
         Verdict::Allowed
     };
     let unnamed = r.flags & (FLOW_F_UNENFORCED | FLOW_F_UNTRACKED) != 0;
+    let policies = if verdict == Verdict::Denied && policy_denial(r.reason) {
+        (names.isolating)(r.ep, r.dir)
+    } else {
+        Vec::new()
+    };
     let policy = (verdict == Verdict::Allowed && !unnamed && r.rule != 0)
         .then(|| (names.policy_of)(r.rule).unwrap_or_else(|| format!("rule-{}", r.rule)));
     let mut flags = Vec::new();
@@ -228,6 +249,7 @@ pub(crate) fn enrich(r: &FlowRecord, node: &str, wall_ns: i128, names: &Names<'_
         destination: peer(names, r.daddr, r.dport, r.dst_identity),
         service,
         policy,
+        policies,
         rule: r.rule,
         tcp_flags: if r.proto == PROTO_TCP {
             tcp_flags(r.tcp_flags)
@@ -332,9 +354,14 @@ mod tests {
         (rule == 7).then(|| "x/allow-a".to_owned())
     }
 
+    fn no_isolation(_: u32, _: u8) -> Vec<String> {
+        Vec::new()
+    }
+
     const NAMES: Names<'static> = Names {
         pod_of: &pod_of,
         policy_of: &policy_of,
+        isolating: &no_isolation,
     };
 
     fn record(verdict: u8, reason: u8, rule: u32, flags: u8) -> FlowRecord {
@@ -412,6 +439,47 @@ mod tests {
             })
         );
         assert_eq!(f.direction, "egress");
+    }
+
+    /// A policy denial names the policies isolating its endpoint in its
+    /// direction (`policies`; `policy` stays the allowing one: none);
+    /// other drops name none.
+    #[test]
+    fn denials_name_the_isolating_policies() {
+        fn isolating(ep: u32, dir: u8) -> Vec<String> {
+            match (ep, dir) {
+                (4, DIR_INGRESS) => vec!["x/deny-all".into(), "x/allow-y".into()],
+                (4, DIR_EGRESS) => vec!["x/egress".into()],
+                _ => Vec::new(),
+            }
+        }
+        let names = Names {
+            isolating: &isolating,
+            ..NAMES
+        };
+        let f = enrich(&record(FLOW_VERDICT_DENIED, 1, 0, 0), "n1", 0, &names);
+        assert_eq!(f.policies, ["x/deny-all", "x/allow-y"]);
+        assert_eq!(f.policy, None);
+        let line = serde_json::to_string(&f).expect("json");
+        assert!(
+            line.contains("\"policies\":[\"x/deny-all\",\"x/allow-y\"]"),
+            "{line}"
+        );
+        let mut r = record(FLOW_VERDICT_DENIED, 2, 0, 0);
+        r.dir = DIR_EGRESS;
+        let f = enrich(&r, "n1", 0, &names);
+        assert_eq!(f.policies, ["x/egress"]);
+        // Not a policy denial (malformed): no policy.
+        let f = enrich(&record(FLOW_VERDICT_DENIED, 4, 0, 0), "n1", 0, &names);
+        assert_eq!((f.policy, f.policies), (None, Vec::<String>::new()));
+        // Another endpoint (gone): the denial stays unnamed.
+        let mut r = record(FLOW_VERDICT_DENIED, 1, 0, 0);
+        r.ep = 5;
+        assert!(enrich(&r, "n1", 0, &names).policies.is_empty());
+        // Allowed flows keep their allowing policy and list nothing.
+        let f = enrich(&record(FLOW_VERDICT_ALLOWED, 0, 7, 0), "n1", 0, &names);
+        assert_eq!(f.policy.as_deref(), Some("x/allow-a"));
+        assert!(f.policies.is_empty());
     }
 
     #[test]

@@ -21,6 +21,8 @@ mod delete;
 mod describe;
 #[path = "weirctl/doc.rs"]
 mod doc;
+#[path = "weirctl/explain.rs"]
+mod explain;
 #[path = "weirctl/flows.rs"]
 mod flows;
 #[path = "weirctl/format.rs"]
@@ -164,6 +166,11 @@ enum Cmd {
     /// agent (http://<node InternalIP>:<agent-port>/flows), filtered by
     /// -n/--namespace, --pod, --verdict, --port.
     Flows(flows::FlowArgs),
+    /// Network policy tools.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Set the replicas of a deployment or replicaset (read-modify-apply
     /// with the resource version read; retried on a conflict).
     Scale {
@@ -212,6 +219,17 @@ enum Cmd {
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Whether a new connection SRC -> DST:PORT is allowed and by which
+    /// policy, as the nodes' policy maps see it (like `cilium policy
+    /// trace`): the source pod's Egress at its node and the destination
+    /// pod's Ingress at its node, with the identities, the isolating
+    /// policies and the policy map key that matched. Exit code 0 when
+    /// allowed, 1 when denied.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,6 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             logs::run(&api, ns, &pod, &o).await
         }
         Cmd::Flows(a) => flows::run(&api, &a.options(cli.namespace)).await,
+        Cmd::Policy { cmd } => policy_cmd(&api, ns, cmd).await,
         Cmd::Scale { target, replicas } => {
             let (r, name) = one_target(&target, "scale")?;
             rollout::scale(&api, r, ns, &name, replicas).await
@@ -390,6 +409,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout,
             };
             node::drain(&api, &node, &o).await
+        }
+    }
+}
+
+async fn policy_cmd(api: &Api, ns: &str, cmd: PolicyCmd) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Explain(a) => {
+            if explain::run(api, ns, &a).await? {
+                Ok(())
+            } else {
+                // Denied: the trace says so; exit 1.
+                Err(Reported.into())
+            }
         }
     }
 }

@@ -84,6 +84,35 @@ pub struct Report {
     pub pruned: usize,
 }
 
+/// The policies that isolate one local endpoint, per direction: a
+/// default-deny drop at that endpoint is theirs (flow attribution,
+/// `policy explain`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Isolation {
+    /// The policies that select the endpoint for Ingress.
+    pub ingress: Vec<compile::PolicyRef>,
+    /// The policies that select the endpoint for Egress.
+    pub egress: Vec<compile::PolicyRef>,
+}
+
+impl Isolation {
+    fn of(p: &EndpointPolicy) -> Self {
+        Self {
+            ingress: p.isolating_ingress.clone(),
+            egress: p.isolating_egress.clone(),
+        }
+    }
+
+    /// The policies isolating direction `dir`.
+    #[must_use]
+    pub fn get(&self, dir: compile::Direction) -> &[compile::PolicyRef] {
+        match dir {
+            compile::Direction::Ingress => &self.ingress,
+            compile::Direction::Egress => &self.egress,
+        }
+    }
+}
+
 /// A pod's fresh view (the control's current pod object) by uid.
 pub type FreshPods = dyn Fn(&str) -> Option<Pod> + Send + Sync;
 
@@ -92,6 +121,9 @@ pub struct Enforcer {
     dp: PolicyDataplane,
     hub: Arc<PolicyHub>,
     state: Mutex<State>,
+    /// The isolating policies of each programmed endpoint, by ifindex
+    /// (own lock: the flow reader asks for every denial).
+    isolation: Mutex<BTreeMap<u32, Isolation>>,
     /// Woken when the local endpoints change.
     kick: Notify,
 }
@@ -123,6 +155,7 @@ impl Enforcer {
                 endpoints: BTreeMap::new(),
                 ipcache,
             }),
+            isolation: Mutex::new(BTreeMap::new()),
             kick: Notify::new(),
         })
     }
@@ -136,6 +169,32 @@ impl Enforcer {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn isolation_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Isolation>> {
+        self.isolation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The policies isolating endpoint `ifindex` (a pod's host-side veth)
+    /// as last programmed; `None` if no local endpoint has that ifindex.
+    pub fn isolation(&self, ifindex: u32) -> Option<Isolation> {
+        self.isolation_map().get(&ifindex).cloned()
+    }
+
+    /// The local endpoint of pod `namespace/name`: (ifindex, pod IP).
+    pub fn local_endpoint(&self, namespace: &str, name: &str) -> Option<(u32, Ipv4Addr)> {
+        self.lock().endpoints.iter().find_map(|(i, l)| {
+            (l.pod.metadata.namespace.as_deref() == Some(namespace)
+                && l.pod.metadata.name.as_deref() == Some(name))
+            .then_some((*i, l.ip))
+        })
+    }
+
+    /// The policy state the enforcer compiles from.
+    pub fn hub(&self) -> &Arc<PolicyHub> {
+        &self.hub
     }
 
     /// Attaches to a new (or adopted) pod's veth and enforces its policy
@@ -160,6 +219,8 @@ impl Enforcer {
         }
         let compiled = self.hub.read(|d| compile_policy(d, &ep));
         program(&self.dp, net.host_ifindex, local.ip, ep.identity, &compiled)?;
+        self.isolation_map()
+            .insert(net.host_ifindex, Isolation::of(&compiled));
         tracing::debug!(pod = %crate::pod::pod_key(&local.pod), ifindex = net.host_ifindex,
             ingress = compiled.ingress_enforced, egress = compiled.egress_enforced, "network policy enforced");
         st.endpoints.insert(net.host_ifindex, local);
@@ -172,6 +233,7 @@ impl Enforcer {
     pub fn remove(&self, net: &NetRecord) -> Result<(), PolicyError> {
         let mut st = self.lock();
         st.endpoints.remove(&net.host_ifindex);
+        self.isolation_map().remove(&net.host_ifindex);
         self.dp.remove_endpoint(net.host_ifindex)?;
         self.dp.detach(&net.host_veth)?;
         drop(st);
@@ -238,10 +300,13 @@ impl Enforcer {
         r.ipcache_added = add.len();
         for (ifindex, ip, identity, pol) in &compiled {
             let diff = program(&self.dp, *ifindex, *ip, *identity, pol)?;
+            self.isolation_map().insert(*ifindex, Isolation::of(pol));
             r.endpoints += 1;
             r.written += diff.added + diff.changed;
             r.removed += diff.removed + diff.changed;
         }
+        self.isolation_map()
+            .retain(|i, _| st.endpoints.contains_key(i));
         let stale: Vec<(Cidr, u32)> = st.ipcache.difference(&wanted).copied().collect();
         for (c, id) in &stale {
             self.dp.remove_ipcache(*c, *id)?;

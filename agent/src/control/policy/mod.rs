@@ -13,6 +13,7 @@ pub mod compile;
 pub mod enforce;
 #[cfg(test)]
 mod eval;
+pub mod explain;
 #[cfg(test)]
 mod netpol_tests;
 pub mod rules;

@@ -4,7 +4,7 @@
 //! printed like `hubble observe`:
 //!
 //! ```text
-//! Nov 25 19:30:01.123 [node-1]: x/a:40000 (ID:300) -> y/b:80 (ID:1000) TCP SYN ingress DENIED (POLICY_DENIED_INGRESS)
+//! Nov 25 19:30:01.123 [node-1]: x/a:40000 (ID:300) -> y/b:80 (ID:1000) TCP SYN ingress DENIED (POLICY_DENIED_INGRESS) by default-deny of y/deny-all, y/allow-z
 //! Nov 25 19:30:02.456 [node-1]: x/a:40001 (ID:300) -> y/b:80 (ID:1000) via service 10.96.0.20:80 TCP SYN egress ALLOWED by policy y/allow-x
 //! ```
 
@@ -139,6 +139,8 @@ pub struct Flow {
     pub service: Option<Service>,
     /// The allowing policy.
     pub policy: Option<String>,
+    /// A policy denial's isolating policies.
+    pub policies: Vec<String>,
     /// TCP flags.
     pub tcp_flags: String,
     /// Denials folded into this record.
@@ -189,7 +191,7 @@ fn encode(v: &str) -> String {
 }
 
 /// How an identity is named when the address is not a known pod.
-fn identity_name(id: u32) -> Option<&'static str> {
+pub fn identity_name(id: u32) -> Option<&'static str> {
     match id {
         1 => Some("host"),
         2 => Some("world"),
@@ -247,6 +249,9 @@ pub fn format_flow(f: &Flow) -> String {
         let _ = write!(line, " ({r})");
     }
     match &f.policy {
+        _ if !f.policies.is_empty() => {
+            let _ = write!(line, " by default-deny of {}", f.policies.join(", "));
+        }
         Some(p) => {
             let _ = write!(line, " by policy {p}");
         }
@@ -393,7 +398,7 @@ impl Lines {
 }
 
 /// Reads the status line and headers: (status code, chunked).
-async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, bool)> {
+pub async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, bool)> {
     let mut line = String::new();
     r.read_line(&mut line)
         .await
@@ -418,7 +423,7 @@ async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<(u16, b
 }
 
 /// Hands the body to `f` as it arrives (chunked or until EOF).
-async fn read_body<R: AsyncBufRead + Unpin>(
+pub async fn read_body<R: AsyncBufRead + Unpin>(
     r: &mut R,
     chunked: bool,
     mut f: impl FnMut(&[u8]),
@@ -465,6 +470,7 @@ mod tests {
 
     const DENIED: &str = r#"{"time":"2026-11-25T19:30:01.123456789Z","node":"n1","verdict":"DENIED","dropReason":"POLICY_DENIED_INGRESS","direction":"ingress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40000,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":80,"identity":1000,"namespace":"y","pod":"b"},"rule":0,"tcpFlags":"SYN","suppressed":2}"#;
     const ALLOWED: &str = r#"{"time":"2026-11-25T19:30:02.456Z","node":"n2","verdict":"ALLOWED","direction":"egress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40001,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":8080,"identity":1000,"namespace":"y","pod":"b"},"service":{"ip":"10.96.0.20","port":80},"policy":"x/allow-egress","rule":3,"tcpFlags":"SYN"}"#;
+    const DENIED_BY: &str = r#"{"time":"2026-11-25T19:30:04Z","node":"n1","verdict":"DENIED","dropReason":"POLICY_DENIED_INGRESS","direction":"ingress","protocol":"TCP","source":{"ip":"10.244.2.9","port":40000,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"10.244.1.5","port":80,"identity":1000,"namespace":"y","pod":"b"},"policies":["y/deny-all","y/allow-z"],"rule":0,"tcpFlags":"SYN"}"#;
     const WORLD: &str = r#"{"time":"2026-11-25T19:30:03Z","node":"n1","verdict":"ALLOWED","direction":"egress","protocol":"UDP","source":{"ip":"10.244.2.9","port":5353,"identity":300,"namespace":"x","pod":"a"},"destination":{"ip":"192.0.2.7","port":53,"identity":2},"rule":0,"flags":["unenforced"]}"#;
 
     #[test]
@@ -480,6 +486,10 @@ mod tests {
         assert_eq!(
             render_line(WORLD, false).expect("a flow"),
             "Nov 25 19:30:03.000 [n1]: x/a:5353 (ID:300) -> 192.0.2.7:53 (world) UDP egress ALLOWED (no policy)"
+        );
+        assert_eq!(
+            render_line(DENIED_BY, false).expect("a flow"),
+            "Nov 25 19:30:04.000 [n1]: x/a:40000 (ID:300) -> y/b:80 (ID:1000) TCP SYN ingress DENIED (POLICY_DENIED_INGRESS) by default-deny of y/deny-all, y/allow-z"
         );
         assert_eq!(render_line(DENIED, true).as_deref(), Some(DENIED));
         assert_eq!(render_line("", false), None);
