@@ -807,6 +807,9 @@ fn ingress_cases(env: &Env) -> anyhow::Result<()> {
             && f["dropReason"]
                 .as_str()
                 .is_some_and(|r| r.contains("INGRESS"))
+            && f["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == "x/deny-all"))
     })?;
 
     case(
