@@ -199,14 +199,24 @@ impl Drop for Responder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let (n, addr) = (self.workers.len(), self.addr);
-        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()));
+        // Wake every worker blocked in accept (at the bound address, or
+        // loopback when bound to every address).
+        let target = if addr.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        } else {
+            addr
+        };
         let woke = in_netns(&self.netns, move || {
+            let mut ok = 0;
             for _ in 0..n {
-                let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+                ok += usize::from(
+                    TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok(),
+                );
             }
-            Ok(())
+            Ok(ok)
         });
-        if woke.is_ok() {
+        // Join only when every worker was woken: never hang here.
+        if woke.is_ok_and(|ok| ok == n) {
             for t in self.workers.drain(..) {
                 let _ = t.join();
             }
@@ -681,7 +691,8 @@ fn set_weir_policy(env: &Env, policy: &Value, on: bool) -> anyhow::Result<()> {
     if on {
         env.api.apply(policy)?;
     } else {
-        env.api.delete("NetworkPolicy", NS, "peers")?;
+        // Absent already at the first switch.
+        let _ = env.api.delete("NetworkPolicy", NS, "peers");
     }
     let srv = env.servers[0].ip;
     wait_for(
