@@ -432,6 +432,11 @@ impl Node {
         Ok(())
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Starts weir-agent in control mode against `url` (it registers, so
     /// the control must be up for the agent's API to come up).
     pub fn start_agent_with_control(&mut self, url: &str) -> anyhow::Result<()> {

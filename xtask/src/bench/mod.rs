@@ -11,6 +11,7 @@ mod env;
 mod lb;
 mod lb_programming;
 mod pod_start;
+mod policy;
 mod probe;
 mod scheduler;
 mod util;
@@ -104,6 +105,35 @@ enum Which {
         #[arg(long)]
         dev: bool,
     },
+    /// `NetworkPolicy` end to end (3 nodes): propagation apply → enforced,
+    /// throughput with a 1,000-peer policy vs none (and iptables + ipset vs
+    /// none in the same run), flow-record CPU at the top connection rate.
+    Policy {
+        /// Ingress peers of the policy (half ipBlock /32s, half selectors).
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        /// Paired repetitions of the throughput and flow measurements.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Propagation repetitions.
+        #[arg(long, default_value_t = 50)]
+        prop_reps: usize,
+        /// Seconds per wrk run (throughput).
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        /// Seconds per wrk run (flow export CPU).
+        #[arg(long, default_value_t = 10)]
+        cpu_secs: u32,
+        /// wrk threads.
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 16)]
+        conns: u32,
+        /// Build in the dev profile instead of release (shared machines).
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -147,6 +177,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             crate::setup::setup()?;
             return lb_programming::run(*services, *changes, *dev);
         }
+        Which::Policy {
+            peers,
+            reps,
+            prop_reps,
+            secs,
+            cpu_secs,
+            threads,
+            conns,
+            dev,
+        } => {
+            ensure!((4..=20_000).contains(peers), "--peers must be 4..=20000");
+            ensure!(*reps >= 1 && *prop_reps >= 1, "reps must be at least 1");
+            crate::setup::setup()?;
+            return policy::run(&policy::PolicyArgs {
+                peers: *peers,
+                reps: *reps,
+                prop_reps: *prop_reps,
+                secs: *secs,
+                cpu_secs: *cpu_secs,
+                threads: *threads,
+                conns: *conns,
+                dev: *dev,
+            });
+        }
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -170,7 +224,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         | Which::Api
         | Which::ControlRss
         | Which::Lb { .. }
-        | Which::LbProgramming { .. } => {
+        | Which::LbProgramming { .. }
+        | Which::Policy { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
     }
@@ -188,7 +243,8 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
         | Which::Density { .. }
         | Which::Scheduler { .. }
         | Which::Lb { .. }
-        | Which::LbProgramming { .. } => {
+        | Which::LbProgramming { .. }
+        | Which::Policy { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
     }
