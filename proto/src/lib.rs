@@ -3,6 +3,7 @@
 //! in [`cidr`]) and the gRPC services of `proto/weir/v1/*.proto` in [`v1`].
 
 pub mod cidr;
+pub mod explain;
 pub mod manifest;
 
 /// The `weir.v1` gRPC API: the `Objects` service for users and the `Nodes`

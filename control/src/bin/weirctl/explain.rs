@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::io::{AsyncWriteExt as _, BufReader};
 
 use crate::client::Api;
@@ -57,67 +57,7 @@ pub struct ExplainArgs {
     agent_port: u16,
 }
 
-/// One end as an agent shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Party {
-    /// Address.
-    pub ip: String,
-    /// Security identity as the dataplane sees it.
-    pub identity: u32,
-    /// The pod's namespace, if known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// The pod's name, if known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-}
-
-/// The policy map key that matched.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MatchedKey {
-    /// Endpoint ifindex.
-    pub ep: u32,
-    /// Peer identity of the key (0 = any).
-    pub identity: u32,
-    /// Port (0 = any).
-    pub port: u16,
-    /// `TCP`, `UDP`, `any`.
-    pub protocol: String,
-    /// `ingress` / `egress`.
-    pub direction: String,
-}
-
-/// One side's verdict, as an agent serves it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct Step {
-    /// The node that judged it.
-    pub node: String,
-    /// `egress` / `ingress`.
-    pub direction: String,
-    /// The pod whose policy this is.
-    pub endpoint: Party,
-    /// Its host-side veth ifindex.
-    pub ifindex: u32,
-    /// The other end.
-    pub peer: Party,
-    /// The peer's `ipBlock` identity (0: none).
-    pub peer_cidr_identity: u32,
-    /// Some policy selects the pod in this direction.
-    pub enforced: bool,
-    /// Those policies.
-    pub isolated_by: Vec<String>,
-    /// `ALLOWED` / `DENIED`.
-    pub verdict: String,
-    /// The allowing policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-    /// The key that matched.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub matched_key: Option<MatchedKey>,
-}
+pub use weir_proto::explain::{MatchedKey, Party, Step};
 
 #[derive(Deserialize)]
 struct Answer {
