@@ -659,6 +659,10 @@ async fn heartbeat(api: &Api, name: &str) {
     .unwrap();
 }
 
+/// How long the DaemonSet test waits for each step: generous, as one CI
+/// run (2 cores, every control test in parallel) timed out at 10 s once.
+const DS_WAIT: Duration = Duration::from_secs(30);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemonset_runs_one_pod_per_eligible_node_and_follows_new_nodes() {
     let h = start(Config::default());
@@ -693,13 +697,13 @@ async fn daemonset_runs_one_pod_per_eligible_node_and_follows_new_nodes() {
         nodes.sort();
         nodes
     };
-    wait_for(Duration::from_secs(10), "pods on ds-a and ds-b", || async {
+    wait_for(DS_WAIT, "pods on ds-a and ds-b", || async {
         let pods = list::<Pod>(&h.api, "Pod", "app=agent").await;
         (on_nodes(&pods) == ["ds-a", "ds-b"]).then_some(())
     })
     .await;
     add_node(&h.api, "ds-c", &json!({"role": "worker"}), &json!([])).await;
-    let pods = wait_for(Duration::from_secs(10), "a pod on the new node", || async {
+    let pods = wait_for(DS_WAIT, "a pod on the new node", || async {
         let pods = list::<Pod>(&h.api, "Pod", "app=agent").await;
         (on_nodes(&pods) == ["ds-a", "ds-b", "ds-c"]).then_some(pods)
     })
@@ -716,7 +720,7 @@ async fn daemonset_runs_one_pod_per_eligible_node_and_follows_new_nodes() {
                 .any(|t| t.key.as_deref() == Some("node.kubernetes.io/unreachable"))
         );
     }
-    let status = wait_for(Duration::from_secs(10), "DaemonSet status", || async {
+    let status = wait_for(DS_WAIT, "DaemonSet status", || async {
         let ds: DaemonSet = get(&h.api, "DaemonSet", "sys", "agent").await?;
         let s = ds.status?;
         (s.number_ready == 3 && s.number_available == Some(3)).then_some(s)
