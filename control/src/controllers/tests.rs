@@ -659,7 +659,7 @@ async fn heartbeat(api: &Api, name: &str) {
     .unwrap();
 }
 
-/// How long the DaemonSet test waits for each step: generous, as one CI
+/// How long the `DaemonSet` test waits for each step: generous, as one CI
 /// run (2 cores, every control test in parallel) timed out at 10 s once.
 const DS_WAIT: Duration = Duration::from_secs(30);
 
