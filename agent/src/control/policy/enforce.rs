@@ -423,6 +423,9 @@ fn program(
     Ok(diff)
 }
 
+/// How long a starting pod waits for the first complete policy state.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl PodPolicy for Enforcer {
     fn pod_up(
         self: Arc<Self>,
@@ -432,11 +435,21 @@ impl PodPolicy for Enforcer {
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
         async move {
             let mut generation = self.hub.subscribe();
-            while !self.hub.synced() {
-                if generation.changed().await.is_err() {
-                    return Err("the policy state is gone".to_owned());
+            let synced = async {
+                while !self.hub.synced() {
+                    if generation.changed().await.is_err() {
+                        return Err("the policy state is gone".to_owned());
+                    }
                 }
-            }
+                Ok(())
+            };
+            // Bounded, so a pod waiting for it shows why (and is retried)
+            // instead of hanging in ContainerCreating without a status.
+            tokio::time::timeout(SYNC_WAIT, synced)
+                .await
+                .map_err(|_| {
+                    format!("no complete network policy state from the control after {SYNC_WAIT:?}")
+                })??;
             tokio::task::spawn_blocking(move || self.add(&uid, pod, &net))
                 .await
                 .map_err(|e| e.to_string())?
