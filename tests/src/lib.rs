@@ -992,6 +992,27 @@ impl ControlCluster {
         self.cluster.node(i)
     }
 
+    /// The last `lines` lines of every agent's log and of the control's,
+    /// for the context of a failed e2e step.
+    pub fn log_tails(&self, lines: usize) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for n in &self.cluster.nodes {
+            let _ = writeln!(
+                out,
+                "--- agent {} log tail:\n{}",
+                n.name,
+                tail(&n.agent_log_text(), lines)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "--- control log tail:\n{}",
+            tail(&self.control.log_text(), lines)
+        );
+        out
+    }
+
     /// Starts node `i`'s agent in control mode.
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let url = self.control.url();

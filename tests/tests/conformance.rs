@@ -334,7 +334,15 @@ fn sig_network_services_conformance() -> anyhow::Result<()> {
         outside,
         node_ips,
     };
+    let result = cases(&mut env, &nodes);
+    if result.is_ok() {
+        eprintln!("all Services conformance cases: {:?}", started.elapsed());
+    }
+    result.map_err(|e| e.context(env.c.log_tails(40)))
+}
 
+/// The conformance cases, in order, on `env` (two nodes named `nodes`).
+fn cases(env: &mut Env, nodes: &[String]) -> anyhow::Result<()> {
     // "should serve a basic endpoint from pods": the Service first, no
     // endpoints; a pod appears in its endpoints, then a second.
     let t = Instant::now();
@@ -366,39 +374,39 @@ fn sig_network_services_conformance() -> anyhow::Result<()> {
     );
 
     timed("should serve multiport endpoints from pods", || {
-        multiport(&env, ip1, ip2)
+        multiport(env, ip1, ip2)
     })?;
     timed(
         "should have session affinity work for service with type clusterIP",
-        || session_affinity(&env),
+        || session_affinity(env),
     )?;
-    timed("should provide DNS for services", || dns(&env, basic_ip))?;
+    timed("should provide DNS for services", || dns(env, basic_ip))?;
     timed("should create endpoints for unready pods", || {
-        unready_endpoints(&env)
+        unready_endpoints(env)
     })?;
     timed(
         "should be able to create a functioning NodePort service",
-        || functioning_node_port(&env),
+        || functioning_node_port(env),
     )?;
     timed(
         "should be able to change the type from ClusterIP to NodePort (and back)",
-        || change_type(&env),
+        || change_type(env),
     )?;
     timed("should release NodePorts on delete", || {
-        release_on_delete(&env)
+        release_on_delete(env)
     })?;
-    timed("should prevent NodePort collisions", || collisions(&env))?;
-    timed("should check NodePort out-of-range", || out_of_range(&env))?;
+    timed("should prevent NodePort collisions", || collisions(env))?;
+    timed("should check NodePort out-of-range", || out_of_range(env))?;
     timed(
         "should be able to update service type to NodePort listening on same port number but different protocols",
-        || same_port_tcp_udp(&env, ip1, ip2),
+        || same_port_tcp_udp(env, ip1, ip2),
     )?;
     timed("should find a service from listing all namespaces", || {
-        list_all_namespaces(&env)
+        list_all_namespaces(env)
     })?;
     timed(
         "should delete a collection of services (endpoint slices follow)",
-        || delete_collection(&env),
+        || delete_collection(env),
     )?;
     timed(
         "should serve a basic endpoint from pods (pods deleted)",
@@ -410,7 +418,6 @@ fn sig_network_services_conformance() -> anyhow::Result<()> {
             Ok(())
         },
     )?;
-    eprintln!("all Services conformance cases: {:?}", started.elapsed());
     Ok(())
 }
 

@@ -100,14 +100,19 @@ pub(super) async fn get<K: DeserializeOwned>(
         .map(|o| serde_json::from_str(&o.json).unwrap())
 }
 
-/// Polls `check` until it returns `Some`, or panics after `timeout` with
-/// `what`.
+/// The shortest a [`wait_for`] waits: CI runs the crate's ~170 tests in
+/// parallel on two cores, where a controller step that takes milliseconds
+/// alone has taken over 10 s. A longer wait only delays a failure.
+const MIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` (at
+/// least [`MIN_WAIT`]) with `what`.
 async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout.max(MIN_WAIT);
     loop {
         if let Some(value) = check().await {
             return value;
