@@ -1149,7 +1149,9 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
+/// The flow export part; `apply`: apply the peers policy first (once the
+/// responder answers: enforcement is checked against it).
+fn flow_export(env: &Env, args: &Args, apply: bool) -> anyhow::Result<Value> {
     let load_start = loadavg();
     let node = &env.c.cluster.nodes[0];
     let mut cfg = FlowCfg::open(&node.lb_pin(FLOW_CFG_MAP))?;
@@ -1162,6 +1164,9 @@ fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
         workers,
     )?;
+    if apply {
+        set_weir_policy(env, &peers_policy(args.peers), true)?;
+    }
     let lost_pin = node.lb_pin(FLOW_LOST_MAP);
     let mut measure = |enabled: bool| -> anyhow::Result<(f64, Run, u64)> {
         cfg.set(enabled)?;
@@ -1237,8 +1242,8 @@ fn run(env: &Env, args: &Args) -> anyhow::Result<Value> {
     }
     if args.only.flows {
         // The throughput part leaves the policy applied; alone, apply it.
-        set_weir_policy(env, &peers_policy(args.peers), true)?;
-        out.insert("flow_export".into(), flow_export(env, args)?);
+        let apply = !args.only.throughput;
+        out.insert("flow_export".into(), flow_export(env, args, apply)?);
         eprintln!("flow export done ({:?})", t0.elapsed());
     }
     out.insert(
