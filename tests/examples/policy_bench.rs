@@ -26,7 +26,8 @@
 //!    its own port: half `ipBlock` /32s of unused addresses (10.240.0.0/16),
 //!    half pod/namespace selectors over distinct label sets that match no
 //!    pod, and last a podSelector `role=client` on [`PORT`] (the only one
-//!    matching the client). Paired repetitions alternate the order.
+//!    matching the client). Each repetition runs A B B A ([`rep_plan`]),
+//!    the first state alternating between repetitions.
 //!    Baseline in the same run: the same rules as iptables + ipset (one
 //!    set per peer, one rule per peer with `--match-set … src --dport`, a
 //!    chain per policy, conntrack ESTABLISHED first, as iptables-based CNIs
@@ -36,6 +37,9 @@
 //!    the `Connection: close` load runs through the enforced policy (one
 //!    flow record per allowed connection), with flow records at the agent's
 //!    setting vs disabled through `weir_flow_cfg_v1` (restored after).
+//!
+//! `--only propagation,throughput,flows` runs a subset (the flow part
+//! alone applies the peers policy itself).
 //!
 //! Every wait is bounded; the cluster guard (and the baseline netns guard)
 //! remove everything on error or SIGINT/SIGTERM.
@@ -109,6 +113,41 @@ struct Args {
     cpu_secs: u32,
     threads: u32,
     conns: u32,
+    /// The parts to run (`--only propagation,throughput,flows`; all by default).
+    only: Parts,
+}
+
+/// Which parts of the bench run.
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    propagation: bool,
+    throughput: bool,
+    flows: bool,
+}
+
+impl Parts {
+    const ALL: Self = Self {
+        propagation: true,
+        throughput: true,
+        flows: true,
+    };
+
+    fn parse(list: &str) -> anyhow::Result<Self> {
+        let mut me = Self {
+            propagation: false,
+            throughput: false,
+            flows: false,
+        };
+        for part in list.split(',').map(str::trim) {
+            match part {
+                "propagation" => me.propagation = true,
+                "throughput" => me.throughput = true,
+                "flows" => me.flows = true,
+                other => bail!("--only {other:?}: the parts are propagation, throughput, flows"),
+            }
+        }
+        Ok(me)
+    }
 }
 
 impl Args {
@@ -121,10 +160,15 @@ impl Args {
             cpu_secs: 10,
             threads: 2,
             conns: 16,
+            only: Parts::ALL,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
             let v = it.next().with_context(|| format!("{a} needs a value"))?;
+            if a == "--only" {
+                me.only = Parts::parse(&v)?;
+                continue;
+            }
             let n: usize = v.parse().with_context(|| format!("{a} {v:?}"))?;
             let small = || u32::try_from(n).context("too large");
             match a.as_str() {
@@ -136,7 +180,7 @@ impl Args {
                 "--threads" => me.threads = small()?,
                 "--conns" => me.conns = small()?,
                 other => bail!(
-                    "unknown argument {other:?} (--peers --reps --prop-reps --secs --cpu-secs --threads --conns)"
+                    "unknown argument {other:?} (--peers --reps --prop-reps --secs --cpu-secs --threads --conns --only)"
                 ),
             }
         }
@@ -850,6 +894,10 @@ struct Paired {
     loss: Vec<f64>,
 }
 
+fn mean_rps(runs: &[Run]) -> f64 {
+    runs.iter().map(|r| r.rps).sum::<f64>() / f(runs.len() as u64)
+}
+
 impl Paired {
     fn new() -> Self {
         Self {
@@ -859,10 +907,13 @@ impl Paired {
         }
     }
 
-    fn push(&mut self, none: Run, with: Run) {
-        self.loss.push((none.rps - with.rps) / none.rps * 100.0);
-        self.none.push(none);
-        self.with.push(with);
+    /// One pair: the runs without and with rules of one repetition; its
+    /// loss compares their means.
+    fn push(&mut self, none: &[Run], with: &[Run]) {
+        let (n, w) = (mean_rps(none), mean_rps(with));
+        self.loss.push((n - w) / n * 100.0);
+        self.none.extend_from_slice(none);
+        self.with.extend_from_slice(with);
     }
 
     fn json(&self) -> Value {
@@ -883,8 +934,32 @@ impl Paired {
     }
 }
 
-/// Runs one rep of a (none, rules) pair: the state switch given, keep-alive
-/// and close runs in each state, order alternating with `rep`.
+/// The runs of one repetition, in order: (rules on, `Connection: close`).
+/// A B B A per mode — state `a` keep-alive then close, state `b` close,
+/// keep-alive, keep-alive, close, state `a` close then keep-alive — so each
+/// mode's two runs per state are centred on the same instant and a load
+/// that drifts steadily over the repetition (other processes on a shared
+/// machine) weighs on both states alike; `a` alternates with `rep`.
+fn rep_plan(rep: usize) -> [(bool, bool); 8] {
+    let (a, b) = if rep.is_multiple_of(2) {
+        (false, true)
+    } else {
+        (true, false)
+    };
+    [
+        (a, false),
+        (a, true),
+        (b, true),
+        (b, false),
+        (b, false),
+        (b, true),
+        (a, true),
+        (a, false),
+    ]
+}
+
+/// Runs one rep of a (none, rules) comparison by [`rep_plan`]: `set`
+/// switches the state (only when it changes), `run` runs one mode.
 fn paired_rep(
     rep: usize,
     set: &mut dyn FnMut(bool) -> anyhow::Result<()>,
@@ -892,25 +967,23 @@ fn paired_rep(
     ka: &mut Paired,
     close: &mut Paired,
 ) -> anyhow::Result<()> {
-    let order = if rep.is_multiple_of(2) {
-        [false, true]
-    } else {
-        [true, false]
-    };
-    let mut got = [[None, None], [None, None]];
-    for on in order {
-        set(on)?;
-        let i = usize::from(on);
-        got[i][0] = Some(run(false)?);
-        got[i][1] = Some(run(true)?);
+    // [rules on][close]
+    let mut got: [[Vec<Run>; 2]; 2] = Default::default();
+    let mut state = None;
+    for (on, mode) in rep_plan(rep) {
+        if state != Some(on) {
+            set(on)?;
+            state = Some(on);
+        }
+        got[usize::from(on)][usize::from(mode)].push(run(mode)?);
     }
-    let g = |a: usize, b: usize| got[a][b].context("run missing");
-    ka.push(g(0, 0)?, g(1, 0)?);
-    close.push(g(0, 1)?, g(1, 1)?);
+    ka.push(&got[0][0], &got[1][0]);
+    close.push(&got[0][1], &got[1][1]);
     Ok(())
 }
 
 fn throughput(env: &Env, args: &Args) -> anyhow::Result<Value> {
+    let load_start = loadavg();
     let policy = peers_policy(args.peers);
     let target = SocketAddr::from((env.servers[0].ip, PORT));
     let workers = 2 * usize::try_from(args.conns)?;
@@ -1000,6 +1073,8 @@ fn throughput(env: &Env, args: &Args) -> anyhow::Result<Value> {
             "ports": "one per rule, distinct",
         },
         "wrk": {"threads": args.threads, "connections": args.conns, "seconds": args.secs, "reps": args.reps},
+        "method": "per repetition A B B A: state a keep-alive, close; state b close, keep-alive, keep-alive, close; state a close, keep-alive (a alternates between none and rules); a pair's loss compares the means of its two runs per state; medians over pairs",
+        "load_average": {"start": load_start, "end": loadavg()},
         "weir": {"keepalive": w_ka.json(), "close": w_close.json()},
         "iptables_ipset": {
             "keepalive": i_ka.json(),
@@ -1067,7 +1142,17 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(get(11)? + get(12)?)
 }
 
-fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), as text.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The flow export part; `apply`: apply the peers policy first (once the
+/// responder answers: enforcement is checked against it).
+fn flow_export(env: &Env, args: &Args, apply: bool) -> anyhow::Result<Value> {
+    let load_start = loadavg();
     let node = &env.c.cluster.nodes[0];
     let mut cfg = FlowCfg::open(&node.lb_pin(FLOW_CFG_MAP))?;
     let saved = cfg.saved;
@@ -1079,6 +1164,9 @@ fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
         workers,
     )?;
+    if apply {
+        set_weir_policy(env, &peers_policy(args.peers), true)?;
+    }
     let lost_pin = node.lb_pin(FLOW_LOST_MAP);
     let mut measure = |enabled: bool| -> anyhow::Result<(f64, Run, u64)> {
         cfg.set(enabled)?;
@@ -1102,8 +1190,11 @@ fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
             (measure(true)?, b)
         };
         eprintln!(
-            "flow rep {rep}: agent CPU {:.2} % with records, {:.2} % without, at {:.0} conn/s",
-            a.0, b.0, a.1.rps
+            "flow rep {rep}: agent CPU {:.2} % with records, {:.2} % without, at {:.0} conn/s (load {})",
+            a.0,
+            b.0,
+            a.1.rps,
+            loadavg()
         );
         cost.push(a.0 - b.0);
         on.push(a.0);
@@ -1132,6 +1223,7 @@ fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
         "records_rate_limited_during_enabled_runs": limited,
         "approx_connections_during_enabled_runs": conns.round(),
         "ring_full_total": ring_full,
+        "load_average": {"start": load_start, "end": loadavg()},
         "load": format!("wrk Connection: close, {} threads × {} connections, {} s per run, from the client pod through the {}-peer policy", args.threads, args.conns, args.cpu_secs, args.peers),
         "cpu": "utime+stime of node 0's weir-agent process over the run, % of one core; cost = with records − records disabled (weir_flow_cfg_v1 FLOW_CFG_DISABLED), paired and alternated",
     }))
@@ -1139,18 +1231,26 @@ fn flow_export(env: &Env, args: &Args) -> anyhow::Result<Value> {
 
 fn run(env: &Env, args: &Args) -> anyhow::Result<Value> {
     let t0 = Instant::now();
-    let prop = propagation(env, args.prop_reps)?;
-    eprintln!("propagation done ({:?})", t0.elapsed());
-    let thr = throughput(env, args)?;
-    eprintln!("throughput done ({:?})", t0.elapsed());
-    let flows = flow_export(env, args)?;
-    eprintln!("flow export done ({:?})", t0.elapsed());
-    Ok(json!({
-        "propagation": prop,
-        "throughput": thr,
-        "flow_export": flows,
-        "machine": {"cpus": std::thread::available_parallelism().map_or(0, usize::from)},
-    }))
+    let mut out = serde_json::Map::new();
+    if args.only.propagation {
+        out.insert("propagation".into(), propagation(env, args.prop_reps)?);
+        eprintln!("propagation done ({:?})", t0.elapsed());
+    }
+    if args.only.throughput {
+        out.insert("throughput".into(), throughput(env, args)?);
+        eprintln!("throughput done ({:?})", t0.elapsed());
+    }
+    if args.only.flows {
+        // The throughput part leaves the policy applied; alone, apply it.
+        let apply = !args.only.throughput;
+        out.insert("flow_export".into(), flow_export(env, args, apply)?);
+        eprintln!("flow export done ({:?})", t0.elapsed());
+    }
+    out.insert(
+        "machine".into(),
+        json!({"cpus": std::thread::available_parallelism().map_or(0, usize::from)}),
+    );
+    Ok(Value::Object(out))
 }
 
 fn main() -> anyhow::Result<()> {

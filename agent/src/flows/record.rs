@@ -172,12 +172,14 @@ fn tcp_flags(f: u8) -> String {
         (0x40, "ECE"),
         (0x80, "CWR"),
     ];
-    NAMES
-        .iter()
-        .filter(|(bit, _)| f & bit != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join("|")
+    let mut out = String::new();
+    for (_, name) in NAMES.iter().filter(|(bit, _)| f & bit != 0) {
+        if !out.is_empty() {
+            out.push('|');
+        }
+        out.push_str(name);
+    }
+    out
 }
 
 fn peer(names: &Names<'_>, addr_be: u32, port_be: u16, identity: u32) -> Peer {
@@ -409,6 +411,8 @@ mod tests {
         assert_eq!(f.source.port, 40000);
         assert_eq!(f.source.identity, ID_WORLD);
         assert_eq!(f.tcp_flags, "SYN");
+        assert_eq!(tcp_flags(0x12), "SYN|ACK");
+        assert_eq!(tcp_flags(0), "");
         assert_eq!(f.protocol, "TCP");
         assert_eq!(f.direction, "ingress");
         // A rule the lookup does not know is still shown by number.

@@ -133,6 +133,10 @@ enum Which {
         /// Build in the dev profile instead of release (shared machines).
         #[arg(long)]
         dev: bool,
+        /// Run only these parts (comma-separated: propagation, throughput,
+        /// flows); the targets of the others are reported as not met.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -186,6 +190,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             threads,
             conns,
             dev,
+            only,
         } => {
             ensure!((4..=20_000).contains(peers), "--peers must be 4..=20000");
             ensure!(*reps >= 1 && *prop_reps >= 1, "reps must be at least 1");
@@ -199,6 +204,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 threads: *threads,
                 conns: *conns,
                 dev: *dev,
+                only: only.clone(),
             });
         }
     };

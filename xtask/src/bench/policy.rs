@@ -45,6 +45,8 @@ pub(crate) struct PolicyArgs {
     pub threads: u32,
     pub conns: u32,
     pub dev: bool,
+    /// Parts to run (`propagation,throughput,flows`); `None`: all.
+    pub only: Option<String>,
 }
 
 /// The example process; SIGTERM (so it cleans up) if still running when
@@ -110,7 +112,11 @@ fn run_example(a: &PolicyArgs) -> anyhow::Result<Value> {
         a.prop_reps,
         if a.dev { "dev" } else { "release" }
     );
-    let child = Command::new(dir.join("examples/policy_bench"))
+    let mut cmd = Command::new(dir.join("examples/policy_bench"));
+    if let Some(only) = &a.only {
+        cmd.args(["--only", only]);
+    }
+    let child = cmd
         .args(["--peers", &a.peers.to_string()])
         .args(["--reps", &a.reps.to_string()])
         .args(["--prop-reps", &a.prop_reps.to_string()])
@@ -204,6 +210,7 @@ pub(crate) fn run(a: &PolicyArgs) -> anyhow::Result<()> {
         "name": "policy",
         "peers": a.peers,
         "profile": if a.dev { "dev" } else { "release" },
+        "parts": a.only.as_deref().unwrap_or("propagation,throughput,flows"),
         "figures": figures,
         "baseline": {
             "name": "the same ingress rules as iptables + ipset (one set and one --match-set/--dport rule per peer, conntrack ESTABLISHED first) vs no rules, plain netns pair, same responder and wrk",
