@@ -305,10 +305,7 @@ impl EdgeTable {
 
     /// The edges as reported, sorted; `service_of(vip, port, protocol)`
     /// names a service VIP (`namespace`, `name`).
-    pub fn report(
-        &self,
-        service_of: &ServiceNames<'_>,
-    ) -> Vec<v1::Edge> {
+    pub fn report(&self, service_of: &ServiceNames<'_>) -> Vec<v1::Edge> {
         let sorted: BTreeMap<&EdgeKey, &Counts> =
             self.edges.iter().map(|(k, c)| (&**k, c)).collect();
         sorted
