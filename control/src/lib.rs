@@ -12,4 +12,5 @@ pub mod leader;
 pub mod matching;
 pub mod nodes;
 pub mod scheduler;
+pub mod servicemap;
 pub mod store;

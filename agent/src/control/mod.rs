@@ -14,6 +14,7 @@ pub mod policy;
 mod report;
 pub mod resources;
 pub mod routes;
+mod servicemap;
 pub mod services;
 mod watch;
 
@@ -197,6 +198,8 @@ pub struct Control {
     settings: Arc<Settings>,
     nodes: NodesClient<Channel>,
     objects: ObjectsClient<Channel>,
+    /// The connection itself, for the other services' clients.
+    channel: Channel,
 }
 
 /// The next backoff delay after `d`.
@@ -222,7 +225,8 @@ impl Control {
         Ok(Self {
             settings: Arc::new(settings),
             nodes: NodesClient::new(channel.clone()),
-            objects: ObjectsClient::new(channel),
+            objects: ObjectsClient::new(channel.clone()),
+            channel,
         })
     }
 
@@ -450,6 +454,7 @@ fn start_flows(
             }
         };
     let hub_state = shared.policy.clone();
+    let bytes_from = enforcer.clone();
     let enrich = crate::flows::Enricher {
         pod_of: Box::new(move |ip| {
             hub_state.read(|d| {
@@ -476,11 +481,40 @@ fn start_flows(
             })),
     );
     crate::http::set_flow_hub(hub.clone());
+    let map = start_service_map(shared, &hub, bytes_from, cancel.clone());
     Some(tokio::spawn(async move {
         if let Err(e) = crate::flows::run(reader, hub, cancel).await {
             tracing::error!(error = %e, "flow records stopped");
         }
+        let _ = map.await;
     }))
+}
+
+/// Aggregates the hub's flows into service map edges and reports them to
+/// the control (bytes from `enforcer`'s conntrack).
+fn start_service_map(
+    shared: &Arc<Shared>,
+    hub: &Arc<crate::flows::FlowHub>,
+    enforcer: Arc<policy::enforce::Enforcer>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let table = Arc::new(Mutex::new(crate::flows::edges::EdgeTable::new(
+        shared.node(),
+    )));
+    let agg = tokio::spawn(crate::flows::edges::aggregate(
+        hub.clone(),
+        table.clone(),
+        cancel.clone(),
+    ));
+    let push = tokio::spawn(servicemap::run(
+        shared.clone(),
+        table,
+        Some(enforcer),
+        cancel,
+    ));
+    tokio::spawn(async move {
+        let _ = tokio::join!(agg, push);
+    })
 }
 
 /// Serves `GET /policy/explain` from the enforcer's maps and the policy

@@ -15,6 +15,7 @@
 //! enrichment lookups, spawn [`run`] and hand the hub to
 //! [`crate::http::set_flow_hub`].
 
+pub mod edges;
 mod hub;
 mod record;
 

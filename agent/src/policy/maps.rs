@@ -11,8 +11,8 @@ use aya::{
     sys::SyscallError,
 };
 use weir_common::{
-    CT_MAP, CtKey, CtValue, DROPS_MAP, DropReason, EndpointConfig, ID_ANY, ID_WORLD, IPCACHE_MAP,
-    IpCacheValue, POL_EP_MAP, POL_MAP, PROTO_ICMP, PolicyKey, PolicyValue,
+    CT_MAP, CT_MAP_V1, CtKey, CtValue, DROPS_MAP, DropReason, EndpointConfig, ID_ANY, ID_WORLD,
+    IPCACHE_MAP, IpCacheValue, POL_EP_MAP, POL_MAP, PROTO_ICMP, PolicyKey, PolicyValue,
 };
 
 use super::{
@@ -313,6 +313,54 @@ impl Maps {
             gone(self.ct.remove(&k)).map_err(map_err("remove from", CT_MAP))?;
         }
         Ok(())
+    }
+
+    /// Copies the entries of a conntrack map pinned in `pin_dir` under its
+    /// v1 name (an agent from before the byte counters) into the current
+    /// map, then removes that pin: established flows keep passing after an
+    /// upgrade. Flows the old programs start between the copy and their
+    /// replacement on each link are judged again on their next packet.
+    pub fn migrate_conntrack_v1(
+        &mut self,
+        pin_dir: &std::path::Path,
+    ) -> Result<usize, PolicyError> {
+        let pin = pin_dir.join(CT_MAP_V1);
+        if !pin.exists() {
+            return Ok(0);
+        }
+        let data = MapData::from_pin(&pin).map_err(map_err("open pinned", CT_MAP_V1))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_err("open pinned", CT_MAP_V1))?;
+        let old: HashMap<MapData, CtKey, [u8; 24]> =
+            HashMap::try_from(map).map_err(map_err("open", CT_MAP_V1))?;
+        let mut copied = 0;
+        for r in &old {
+            let Ok((k, raw)) = r else { continue };
+            if found(self.ct.get(&k, 0))
+                .map_err(map_err("read", CT_MAP))?
+                .is_some()
+            {
+                continue;
+            }
+            let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().expect("8 bytes"));
+            let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().expect("4 bytes"));
+            let v = CtValue {
+                created_ns: u64_at(0),
+                last_ns: u64_at(8),
+                flags: u32_at(16),
+                rule: u32_at(20),
+                packets: 0,
+                bytes: 0,
+            };
+            self.ct
+                .insert(k, v, 0)
+                .map_err(map_err("insert into", CT_MAP))?;
+            copied += 1;
+        }
+        std::fs::remove_file(&pin).map_err(|source| PolicyError::Io {
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(copied)
     }
 
     pub fn conntrack(&self, ifindex: Option<u32>) -> Result<Vec<(CtKey, CtValue)>, PolicyError> {

@@ -242,7 +242,12 @@ impl PolicyDataplane {
                 .load()
                 .map_err(prog_err("load", prog, ""))?;
         }
-        let maps = maps::Maps::take(&mut ebpf)?;
+        let mut maps = maps::Maps::take(&mut ebpf)?;
+        match maps.migrate_conntrack_v1(pin_dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "conntrack migrated to {}", weir_common::CT_MAP),
+            Err(e) => tracing::warn!(error = %e, "conntrack not migrated: flows are judged again"),
+        }
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             ebpf: Mutex::new(ebpf),

@@ -213,6 +213,8 @@ async fn serve<S: Store>(
         tonic::transport::Server::builder()
             .add_service(api::service_from(Arc::clone(&api)))
             .add_service(nodes::service(Arc::clone(&api), args.nodes()))
+            // The cluster service map (agents report edges, readers get them).
+            .add_service(weir_control::servicemap::service(Arc::clone(&api)))
             .serve_with_shutdown(listen, async {
                 let _ = closed.await;
             }),

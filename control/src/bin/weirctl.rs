@@ -31,6 +31,8 @@ mod format;
 mod get;
 #[path = "weirctl/logs.rs"]
 mod logs;
+#[path = "weirctl/map.rs"]
+mod map;
 #[path = "weirctl/netpol.rs"]
 mod netpol;
 #[path = "weirctl/node.rs"]
@@ -166,6 +168,10 @@ enum Cmd {
     /// agent (http://<node InternalIP>:<agent-port>/flows), filtered by
     /// -n/--namespace, --pod, --verdict, --port.
     Flows(flows::FlowArgs),
+    /// Show the cluster service map the agents report: edges from workloads
+    /// to services and workloads with port, connections, bytes and drops
+    /// (-n NS: edges with an end in NS; -A: all; -o wide|json|dot).
+    Map(map::MapArgs),
     /// Network policy tools.
     Policy {
         #[command(subcommand)]
@@ -385,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             logs::run(&api, ns, &pod, &o).await
         }
         Cmd::Flows(a) => flows::run(&api, &a.options(cli.namespace)).await,
+        Cmd::Map(a) => map::run(&server, ns, &a).await,
         Cmd::Policy { cmd } => policy_cmd(&api, ns, cmd).await,
         Cmd::Scale { target, replicas } => {
             let (r, name) = one_target(&target, "scale")?;

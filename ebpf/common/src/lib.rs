@@ -330,7 +330,13 @@ pub const POL_EP_MAP: &str = "weir_pol_ep_v1";
 /// [`PolicyKey`] → [`PolicyValue`].
 pub const POL_MAP: &str = "weir_pol_v1";
 /// Name of the LRU connection-tracking map: [`CtKey`] → [`CtValue`].
-pub const CT_MAP: &str = "weir_ct_v1";
+///
+/// v2 added [`CtValue::packets`] and [`CtValue::bytes`]; an agent finding
+/// [`CT_MAP_V1`] pinned copies its entries over and removes it.
+pub const CT_MAP: &str = "weir_ct_v2";
+/// The conntrack map's previous name (24-byte values: [`CtValue`] without
+/// `packets` and `bytes`).
+pub const CT_MAP_V1: &str = "weir_ct_v1";
 /// Name of the per-CPU array of policy drop counters, indexed by
 /// [`DropReason`] (u64 packets).
 pub const DROPS_MAP: &str = "weir_drops_v1";
@@ -489,6 +495,11 @@ pub struct CtValue {
     /// [`PolicyValue::rule`] of the entry that allowed the flow, or
     /// [`CT_RULE_NONE`] (host order).
     pub rule: u32,
+    /// Packets of the flow in both directions that passed this endpoint's
+    /// programs (the service map's traffic; racing CPUs add atomically).
+    pub packets: u64,
+    /// Their bytes (`skb->len`: layer 2 up).
+    pub bytes: u64,
 }
 
 /// Why a policy program dropped a packet: the index into [`DROPS_MAP`].
@@ -880,11 +891,13 @@ mod tests {
         assert_eq!(offset_of!(CtKey, proto), 16);
         assert_eq!(offset_of!(CtKey, dir), 17);
         assert_eq!(offset_of!(CtKey, pad), 18);
-        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<CtValue>(), 40);
         assert_eq!(offset_of!(CtValue, created_ns), 0);
         assert_eq!(offset_of!(CtValue, last_ns), 8);
         assert_eq!(offset_of!(CtValue, flags), 16);
         assert_eq!(offset_of!(CtValue, rule), 20);
+        assert_eq!(offset_of!(CtValue, packets), 24);
+        assert_eq!(offset_of!(CtValue, bytes), 32);
         for r in DropReason::ALL {
             assert_eq!(DropReason::from_index(r as u32), Some(r));
             assert!((r as u32) < DROP_REASONS, "{r:?} fits the drops array");

@@ -6,7 +6,8 @@
 //! which directions are enforced; without one everything passes.
 //!
 //! A packet of a known flow passes in either direction and refreshes its
-//! conntrack entry. The first packet of a flow in an enforced direction
+//! conntrack entry, which counts its packets and bytes (the service map's
+//! traffic). The first packet of a flow in an enforced direction
 //! looks its peer up in the ipcache (a miss is world) and then the
 //! endpoint's policy entries, at most nine hash lookups whatever the rule
 //! count: (identity, port, proto), (identity, any port, proto), (identity,
@@ -61,9 +62,10 @@ static WEIR_POL_EP_V1: HashMap<u32, EndpointConfig> = HashMap::pinned(POL_EP_MAP
 static WEIR_POL_V1: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(POL_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Flows per endpoint, in the direction of their first packet.
-#[map(name = "weir_ct_v1")]
-static WEIR_CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAP_ENTRIES, 0);
+/// Flows per endpoint, in the direction of their first packet, with their
+/// packet and byte counts.
+#[map(name = "weir_ct_v2")]
+static WEIR_CT_V2: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAP_ENTRIES, 0);
 
 /// Dropped packets by [`DropReason`].
 #[map(name = "weir_drops_v1")]
@@ -272,7 +274,7 @@ fn decide(ctx: &TcContext, dir: u8, seen: &mut Seen) -> Result<(), DropReason> {
         untracked(seen, f);
         return Ok(());
     }
-    track(ifindex, dir, enforced, &f, seen)
+    track(ctx, ifindex, dir, enforced, &f, seen)
 }
 
 /// Marks a TCP SYN without ACK at an endpoint that tracks nothing as a new
@@ -289,6 +291,7 @@ fn untracked(seen: &mut Seen, f: Flow) {
 /// Passes a packet of a known flow, or decides a new one and records it.
 #[inline(always)]
 fn track(
+    ctx: &TcContext,
     ifindex: u32,
     dir: u8,
     enforced: bool,
@@ -297,6 +300,7 @@ fn track(
 ) -> Result<(), DropReason> {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    let len = u64::from(ctx.len());
     let mut tcp_seen = 0;
     if f.tcp_flags & TCP_FIN != 0 {
         tcp_seen |= CT_F_FIN;
@@ -314,8 +318,8 @@ fn track(
         dir,
         pad: 0,
     };
-    if let Some(v) = WEIR_CT_V1.get_ptr_mut(&fwd) {
-        touch(v, now, tcp_seen);
+    if let Some(v) = WEIR_CT_V2.get_ptr_mut(&fwd) {
+        touch(v, now, tcp_seen, len);
         return Ok(());
     }
     let rev = CtKey {
@@ -328,8 +332,8 @@ fn track(
         dir: dir ^ 1,
         pad: 0,
     };
-    if let Some(v) = WEIR_CT_V1.get_ptr_mut(&rev) {
-        touch(v, now, tcp_seen | CT_F_REPLY_SEEN);
+    if let Some(v) = WEIR_CT_V2.get_ptr_mut(&rev) {
+        touch(v, now, tcp_seen | CT_F_REPLY_SEEN, len);
         return Ok(());
     }
     let (flags, rule) = if enforced {
@@ -356,25 +360,33 @@ fn track(
         last_ns: now,
         flags: flags | tcp_seen,
         rule,
+        packets: 1,
+        bytes: len,
     };
     // Whoever raced us to the same entry recorded the same flow: fine.
-    WEIR_CT_V1
+    WEIR_CT_V2
         .insert(&fwd, &v, 0)
         .map_err(|_| DropReason::CtMapFull)?;
     seen.new_flow = true;
     Ok(())
 }
 
-/// Refreshes a conntrack entry: its last use and the flags seen.
+/// Refreshes a conntrack entry: its last use, the flags seen, and counts
+/// the packet.
 #[inline(always)]
-fn touch(v: *mut CtValue, now: u64, seen: u32) {
+fn touch(v: *mut CtValue, now: u64, seen: u32, len: u64) {
     // SAFETY: a live map value; racing writers only store the same kind of
-    // values (a lost flag or timestamp is harmless).
+    // values (a lost flag or timestamp is harmless). The counters are plain
+    // adds (the target has no atomic read-modify-write in stable Rust): two
+    // CPUs counting one flow at the same instant may lose a packet, an
+    // undercount the service map can live with.
     unsafe {
         (*v).last_ns = now;
         if (*v).flags & seen != seen {
             (*v).flags |= seen;
         }
+        (*v).packets = (*v).packets.wrapping_add(1);
+        (*v).bytes = (*v).bytes.wrapping_add(len);
     }
 }
 
