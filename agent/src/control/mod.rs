@@ -10,6 +10,7 @@
 //! says, and the streams reconnect with backoff and resume.
 
 pub mod events;
+pub mod metrics;
 pub mod policy;
 mod report;
 pub mod resources;
@@ -197,6 +198,7 @@ pub struct Control {
     settings: Arc<Settings>,
     nodes: NodesClient<Channel>,
     objects: ObjectsClient<Channel>,
+    channel: Channel,
 }
 
 /// The next backoff delay after `d`.
@@ -222,7 +224,8 @@ impl Control {
         Ok(Self {
             settings: Arc::new(settings),
             nodes: NodesClient::new(channel.clone()),
-            objects: ObjectsClient::new(channel),
+            objects: ObjectsClient::new(channel.clone()),
+            channel,
         })
     }
 
@@ -309,6 +312,7 @@ impl Control {
                 }
             })
         });
+        let metrics = tokio::spawn(metrics::push(self.channel.clone(), cancel.clone()));
         let policy = Arc::new(policy_hub(&self.settings.address));
         let enforcer = load_enforcer(&mgr, &policy);
         let shared = Arc::new(Shared {
@@ -343,7 +347,7 @@ impl Control {
         });
         let flows = isolation.and_then(|e| start_flows(&shared, e, cancel.clone()));
         let report = tokio::spawn(report::run(shared, cancel.clone()));
-        let _ = tokio::join!(beat, follow, probes, report);
+        let _ = tokio::join!(beat, follow, probes, report, metrics);
         if let Some(t) = enforce {
             let _ = t.await;
         }
