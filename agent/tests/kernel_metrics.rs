@@ -165,6 +165,21 @@ fn tcp_connections_retransmits_and_rtt_are_counted_per_address() {
     assert!(mean_us < 200_000, "loopback RTT is small: {mean_us} us");
     assert_eq!(k.stats(other).opened, 0, "outside the prefix");
 
+    // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 sockets.
+    in_netns(&ns.0, || {
+        let l = TcpListener::bind("[::]:7003").expect("bind dual-stack");
+        connect_n(&l, SocketAddr::from((ip, 7003)), 3);
+    });
+    wait_for("dual-stack accepts counted", || {
+        k.stats(ip).accepted >= N as u64 + 3
+    });
+    let s = k.stats(ip);
+    assert_eq!(
+        (s.opened, s.accepted),
+        (N as u64 + 3, N as u64 + 3),
+        "{s:?}"
+    );
+
     // Retransmits: drop everything to port 7001 after the handshake.
     in_netns(&ns.0, || {
         let l = TcpListener::bind((ip, 7001)).expect("bind");
@@ -201,18 +216,18 @@ fn tcp_connections_retransmits_and_rtt_are_counted_per_address() {
     assert_eq!(count_links(&links), 2, "the new links replace the old ones");
     assert_eq!(
         k.stats(ip).opened,
-        N as u64 + 1,
+        N as u64 + 4,
         "counts survive the reload"
     );
     in_netns(&ns.0, || {
         let l = TcpListener::bind((ip, 7002)).expect("bind");
         connect_n(&l, SocketAddr::from((ip, 7002)), 5);
     });
-    wait_for("more connections", || k.stats(ip).opened >= N as u64 + 6);
+    wait_for("more connections", || k.stats(ip).opened >= N as u64 + 9);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         k.stats(ip).opened,
-        N as u64 + 6,
+        N as u64 + 9,
         "counted once: the old link is detached"
     );
     k.retain(&[]);

@@ -7,7 +7,8 @@
 //! A `tcp:tcp_retransmit_skb` tracepoint counts retransmitted segments by
 //! their source address. Both only count addresses inside the node's pod
 //! CIDR ([`MetricsConfig`]) so nodes sharing a kernel stay apart, and never
-//! change what the socket does.
+//! change what the socket does. IPv4 connections of dual-stack sockets
+//! (IPv4-mapped IPv6) count as IPv4.
 
 use aya_ebpf::{
     bindings::{
@@ -30,6 +31,10 @@ static WEIR_SOCK_STATS_V1: PerCpuHashMap<u32, SockStats> =
 static WEIR_METRICS_CFG_V1: Array<MetricsConfig> = Array::pinned(1, 0);
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as
+/// loaded from network order on a little-endian machine.
+const V4_MAPPED: u32 = 0xffff_0000;
 const TCP_ESTABLISHED: u32 = 1;
 /// Offsets in the `tcp:tcp_retransmit_skb` record (tracefs `format`).
 const TP_FAMILY: usize = 32;
@@ -45,10 +50,29 @@ enum Event {
 /// Counts established connections and samples their smoothed RTT.
 #[sock_ops]
 pub fn weir_metrics_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() != AF_INET {
-        return 1;
-    }
-    let ip = ctx.local_ip4();
+    // Dual-stack listeners (`::`, as busybox httpd binds) see IPv4 peers
+    // as IPv4-mapped IPv6 sockets.
+    // Every context field is read up front with its own load: the verifier
+    // refuses a load through a context pointer the compiler offset itself
+    // (which it does when branches read different fields).
+    let ops = ctx.ops;
+    // SAFETY: the kernel hands the program a valid bpf_sock_ops.
+    let (v4, v6) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+        )
+    };
+    let ip = match ctx.family() {
+        AF_INET => v4,
+        AF_INET6 if v6[0] == 0 && v6[1] == 0 && v6[2] == V4_MAPPED => v6[3],
+        _ => return 1,
+    };
     // SAFETY: the kernel hands the program a valid bpf_sock_ops.
     let srtt = unsafe { (*ctx.ops).srtt_us };
     match ctx.op() {
@@ -79,11 +103,12 @@ pub fn weir_metrics_sockops(ctx: SockOpsContext) -> u32 {
 #[tracepoint]
 pub fn weir_metrics_retransmit(ctx: TracePointContext) -> u32 {
     // SAFETY: the offsets are those of the event's format; reads are checked.
-    let family = unsafe { ctx.read_at::<u16>(TP_FAMILY) }.unwrap_or(0);
-    if u32::from(family) != AF_INET {
+    let family = u32::from(unsafe { ctx.read_at::<u16>(TP_FAMILY) }.unwrap_or(0));
+    if family != AF_INET && family != AF_INET6 {
         return 0;
     }
-    // SAFETY: as above; `saddr` is 4 bytes in network order.
+    // SAFETY: as above; `saddr` is 4 bytes in network order, the socket's
+    // IPv4 address also for an IPv4-mapped IPv6 socket.
     let Ok(ip) = (unsafe { ctx.read_at::<u32>(TP_SADDR) }) else {
         return 0;
     };
