@@ -194,6 +194,21 @@ fn wrk(args: &Args, netns: &Path, target: SocketAddr) -> anyhow::Result<f64> {
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "wrk {target}: {text}");
+    // Failed requests (refused, reset, non-2xx) would count as requests/s.
+    let errors: u64 = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("Socket errors:")
+                .or_else(|| l.strip_prefix("Non-2xx or 3xx responses:"))
+        })
+        .flat_map(|rest| rest.split(','))
+        .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+        .sum();
+    ensure!(
+        errors == 0,
+        "wrk {target}: {errors} failed requests:\n{text}"
+    );
     text.lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .context("no Requests/sec")?
@@ -213,6 +228,7 @@ fn count(dir: &Path) -> usize {
 /// Attaches every counter (an agent start does) and stops the agent; the
 /// pinned links stay.
 fn counters_on(n: &mut Node, pods: usize) -> anyhow::Result<()> {
+    n.kill_agent();
     n.start_agent()?;
     let dir = pin_dir(n);
     wait_for("every link pinned again", Duration::from_mins(1), || {
@@ -337,14 +353,11 @@ fn requests(
     cli_netns: &Path,
     target: SocketAddr,
 ) -> anyhow::Result<Value> {
-    wrk(
-        &Args {
-            secs: 2,
-            ..args.clone()
-        },
-        cli_netns,
-        target,
-    )?; // warm-up
+    // Warm up to the steady state (the first seconds of a fresh node run
+    // several times faster than the rest: TIME_WAIT and caches fill).
+    for _ in 0..2 {
+        wrk(args, cli_netns, target)?;
+    } // warm-up
     let (mut with, mut without, mut loss) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.reps {
         let mut pair = [0.0; 2];
@@ -371,7 +384,6 @@ fn requests(
     }
     // Leave the node as the agent keeps it.
     counters_on(n, args.pods)?;
-    n.start_agent()?;
     Ok(json!({
             "wrk": {"threads": args.threads, "connections": args.conns, "seconds": args.secs, "reps": args.reps,
                     "pattern": "busybox httpd closes every connection: one new TCP connection per request"},
