@@ -94,6 +94,10 @@ pub async fn push(channel: Channel, cancel: CancellationToken) {
             Ok(_) => {
                 tracing::info!(retry_in = ?delay, "the control ended the metrics stream; reconnecting");
             }
+            // A control without the Metrics service: say so quietly.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::debug!(retry_in = ?delay, "the control does not serve Metrics; retrying later");
+            }
             Err(s) => {
                 tracing::warn!(error = %s.message(), code = ?s.code(), retry_in = ?delay, "metrics stream to the control failed; reconnecting");
             }
@@ -110,8 +114,93 @@ pub async fn push(channel: Channel, cancel: CancellationToken) {
 #[allow(clippy::float_cmp, reason = "the values are exact in binary")]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use weir_proto::v1::metrics_server::{Metrics, MetricsServer};
 
     use super::*;
+
+    /// A control that keeps the node names of the reports it gets and ends
+    /// each stream after its first report (the agent must reconnect).
+    #[derive(Clone, Default)]
+    struct Control(Arc<Mutex<Vec<(usize, String)>>>, Arc<Mutex<usize>>);
+
+    #[tonic::async_trait]
+    impl Metrics for Control {
+        async fn report(
+            &self,
+            request: tonic::Request<tonic::Streaming<v1::MetricsReport>>,
+        ) -> Result<tonic::Response<v1::ReportMetricsResponse>, tonic::Status> {
+            let stream_no = {
+                let mut n = self.1.lock().expect("lock");
+                *n += 1;
+                *n
+            };
+            let mut s = request.into_inner();
+            if let Some(r) = s.message().await? {
+                self.0.lock().expect("lock").push((stream_no, r.node_name));
+            }
+            Ok(tonic::Response::new(v1::ReportMetricsResponse {}))
+        }
+
+        async fn list_pods(
+            &self,
+            _: tonic::Request<v1::ListPodMetricsRequest>,
+        ) -> Result<tonic::Response<v1::ListPodMetricsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+
+        async fn list_nodes(
+            &self,
+            _: tonic::Request<v1::ListNodeMetricsRequest>,
+        ) -> Result<tonic::Response<v1::ListNodeMetricsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+    }
+
+    #[tokio::test]
+    async fn samples_are_streamed_and_the_stream_reconnects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let control = Control::default();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(s, _)| s);
+            Some((conn, l))
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MetricsServer::new(control.clone()))
+                .serve_with_incoming(incoming),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(push(channel, cancel.clone()));
+        let got = || control.0.lock().expect("lock").clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut i = 0;
+        while got().len() < 2 {
+            assert!(Instant::now() < deadline, "reports got: {:?}", got());
+            i += 1;
+            crate::metrics::publish(Sample {
+                node_name: format!("n{i}"),
+                ..Sample::default()
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reports = got();
+        assert_eq!(reports[0].0, 1, "{reports:?}");
+        assert_eq!(reports[1].0, 2, "the second report came on a new stream");
+        assert!(reports[0].1.starts_with('n') && reports[0].1 != reports[1].1);
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("push ends on cancel")
+            .expect("push task");
+    }
     use crate::metrics::{ContainerSample, NodeSample, PodSample};
 
     #[test]

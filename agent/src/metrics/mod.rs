@@ -106,6 +106,11 @@ pub fn latest() -> Option<Arc<Sample>> {
     channel().borrow().clone()
 }
 
+/// Publishes `s` as the newest sample (what [`run`] does each period).
+pub fn publish(s: Sample) {
+    channel().send_replace(Some(Arc::new(s)));
+}
+
 /// Sees every new sample.
 #[must_use]
 pub fn subscribe() -> watch::Receiver<Option<Arc<Sample>>> {
@@ -357,8 +362,7 @@ pub async fn run(mgr: Manager, node: String, interval: Duration, cancel: Cancell
         }
         if let Some((at, before)) = &prev {
             let secs = now.duration_since(*at).as_secs_f64();
-            let s = sample(&node, before, &cur, secs, SystemTime::now());
-            channel().send_replace(Some(Arc::new(s)));
+            publish(sample(&node, before, &cur, secs, SystemTime::now()));
         }
         prev = Some((now, cur.into_iter().map(|r| (r.uid.clone(), r)).collect()));
     }
