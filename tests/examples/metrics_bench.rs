@@ -9,9 +9,9 @@
 //! (b) The eBPF counters (TC traffic counters on every pod veth, the
 //!     `sock_ops` connection/RTT counter and the `tcp_retransmit_skb`
 //!     tracepoint) against none: pod-to-pod requests/s with wrk from a
-//!     client pod's netns to a busybox httpd pod (which closes every
-//!     connection: a new connection per request, the counters' worst case),
-//!     in paired reps alternating the order. "Off" removes every pinned
+//!     client pod's netns to a keep-alive HTTP responder in the web pod's
+//!     netns, keep-alive (per-packet cost) and a new connection per request
+//!     (the `sock_ops` worst case), in paired reps alternating the order. "Off" removes every pinned
 //!     link of the node (detaching them); "on" restarts the agent, which
 //!     attaches them again. The agent is stopped during both.
 //!
@@ -33,6 +33,8 @@ use weir_tests::{Cluster, Node, wait_for};
 const TAG: &str = "mb";
 const SUBNET: u8 = 58;
 const PORT: u16 = 8080;
+/// The measured responder's port, in the web pod's netns.
+const RESPONDER_PORT: u16 = 8081;
 /// How long all pods may take to run.
 const START: Duration = Duration::from_mins(5);
 /// Quiet time after an agent (re)start before a CPU window opens.
@@ -166,16 +168,21 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// wrk from `netns` against `target` for `secs`: requests/s.
-fn wrk(args: &Args, netns: &Path, target: SocketAddr) -> anyhow::Result<f64> {
+/// wrk from `netns` against `target` for `secs`: requests/s; `close`: a
+/// new connection per request.
+fn wrk(args: &Args, netns: &Path, target: SocketAddr, close: bool) -> anyhow::Result<f64> {
     check_stop()?;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
         .arg("wrk")
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.conns))
         .arg(format!("-d{}s", args.secs))
-        .args(["--timeout", "2s"])
+        .args(["--timeout", "2s"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let mut child = cmd
         .arg(format!("http://{target}/"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -215,6 +222,61 @@ fn wrk(args: &Args, netns: &Path, target: SocketAddr) -> anyhow::Result<f64> {
         .trim()
         .parse()
         .with_context(|| format!("parse wrk output:\n{text}"))
+}
+
+/// The measured server: a keep-alive HTTP responder on threads inside the
+/// web pod's netns (busybox httpd forks per connection and closes first,
+/// which leaves the server's `TIME_WAIT`s colliding with reused client
+/// ports: SYNs then wait for retransmission and the figures turn bimodal).
+/// A `Connection: close` request gets its answer and the client closes
+/// first (wrk does), so `TIME_WAIT` stays with the client, which may reuse it
+/// (`tcp_tw_reuse=1` in its netns). Threads stop with the process.
+fn start_responder(netns: &Path, port: u16, workers: usize) -> anyhow::Result<()> {
+    let file = std::fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    let listener = std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<std::net::TcpListener> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(std::net::TcpListener::bind(("0.0.0.0", port))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("responder bind thread panicked"))?
+    })?;
+    for _ in 0..workers {
+        let l = listener.try_clone()?;
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                serve(c);
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve(mut c: std::net::TcpStream) {
+    use std::io::{Read as _, Write as _};
+    let _ = c.set_nodelay(true);
+    let mut buf = [0u8; 4096];
+    let mut pending = Vec::new();
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            pending.drain(..end + 4);
+            let close = head.contains("connection: close");
+            let reply: &[u8] = if close {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if c.write_all(reply).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 fn pin_dir(n: &Node) -> PathBuf {
@@ -298,9 +360,25 @@ fn run(n: &mut Node, args: &Args) -> anyhow::Result<Value> {
         .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
         .context("cli uid")?;
     let cli_netns = n.pod_netns(&cli_uid);
+    let web_uid = n
+        .pod("web")
+        .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+        .context("web uid")?;
+    start_responder(&n.pod_netns(&web_uid), RESPONDER_PORT, 8)?;
+    // Let the client reuse its own TIME_WAIT ports (observer-side setup).
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", cli_netns.display()))
+        .args(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+        .output()?;
+    ensure!(out.status.success(), "sysctl tcp_tw_reuse in cli's netns");
     sleep(SETTLE)?;
     let cpu = agent_cpu(n, args)?;
-    let requests = requests(n, args, &cli_netns, SocketAddr::from((web_ip, PORT)))?;
+    let requests = requests(
+        n,
+        args,
+        &cli_netns,
+        SocketAddr::from((web_ip, RESPONDER_PORT)),
+    )?;
     Ok(json!({
         "pods": args.pods,
         "load": uptime(),
@@ -346,21 +424,40 @@ fn r3(v: &[f64]) -> Vec<f64> {
     v.iter().map(|x| round3(*x)).collect()
 }
 
-/// (b) Requests/s with the counters attached and detached, paired reps.
+/// One mode's paired figures.
+#[derive(Default)]
+struct Pairs {
+    with: Vec<f64>,
+    without: Vec<f64>,
+    loss: Vec<f64>,
+}
+
+impl Pairs {
+    fn json(&self) -> Value {
+        json!({
+            "attached_rps": r3(&self.with),
+            "detached_rps": r3(&self.without),
+            "loss_pct": r3(&self.loss),
+            "loss_pct_median": round3(median(self.loss.clone())),
+        })
+    }
+}
+
+/// (b) Requests/s with the counters attached and detached, paired reps
+/// alternating the order, keep-alive and a new connection per request.
 fn requests(
     n: &mut Node,
     args: &Args,
     cli_netns: &Path,
     target: SocketAddr,
 ) -> anyhow::Result<Value> {
-    // Warm up to the steady state (the first seconds of a fresh node run
-    // several times faster than the rest: TIME_WAIT and caches fill).
-    for _ in 0..2 {
-        wrk(args, cli_netns, target)?;
-    } // warm-up
-    let (mut with, mut without, mut loss) = (Vec::new(), Vec::new(), Vec::new());
+    // Warm up to the steady state.
+    for close in [false, true] {
+        wrk(args, cli_netns, target, close)?;
+    }
+    let mut modes = [Pairs::default(), Pairs::default()];
     for rep in 0..args.reps {
-        let mut pair = [0.0; 2];
+        let mut rps = [[0.0; 2]; 2]; // [mode][attached, detached]
         for attached in if rep % 2 == 0 {
             [true, false]
         } else {
@@ -371,26 +468,35 @@ fn requests(
             } else {
                 counters_off(n)?;
             }
-            let rps = wrk(args, cli_netns, target)?;
-            eprintln!(
-                "bench metrics: counters {}: {rps:.0} requests/s",
-                if attached { "attached" } else { "detached" }
-            );
-            pair[usize::from(!attached)] = rps;
+            for (m, close) in [false, true].into_iter().enumerate() {
+                let r = wrk(args, cli_netns, target, close)?;
+                eprintln!(
+                    "bench metrics: counters {}, {}: {r:.0} requests/s",
+                    if attached { "attached" } else { "detached" },
+                    if close {
+                        "new connection per request"
+                    } else {
+                        "keep-alive"
+                    }
+                );
+                rps[m][usize::from(!attached)] = r;
+            }
         }
-        with.push(pair[0]);
-        without.push(pair[1]);
-        loss.push((pair[1] - pair[0]) / pair[1] * 100.0);
+        for (m, p) in modes.iter_mut().enumerate() {
+            let [with, without] = rps[m];
+            p.with.push(with);
+            p.without.push(without);
+            p.loss.push((without - with) / without * 100.0);
+        }
     }
     // Leave the node as the agent keeps it.
     counters_on(n, args.pods)?;
     Ok(json!({
-            "wrk": {"threads": args.threads, "connections": args.conns, "seconds": args.secs, "reps": args.reps,
-                    "pattern": "busybox httpd closes every connection: one new TCP connection per request"},
-            "attached_rps": r3(&with),
-            "detached_rps": r3(&without),
-            "loss_pct": r3(&loss),
-            "loss_pct_median": round3(median(loss.clone())),
+        "wrk": {"threads": args.threads, "connections": args.conns, "seconds": args.secs, "reps": args.reps,
+                "server": "keep-alive HTTP responder (8 threads) in the web pod's netns; the client closes first in close mode"},
+        "keepalive": modes[0].json(),
+        "close": modes[1].json(),
+        "loss_pct_median": round3(median(modes[0].loss.clone()).max(median(modes[1].loss.clone()))),
     }))
 }
 
