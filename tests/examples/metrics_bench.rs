@@ -212,16 +212,21 @@ fn wrk(args: &Args, netns: &Path, target: SocketAddr, close: bool) -> anyhow::Re
         .flat_map(|rest| rest.split(','))
         .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
         .sum();
-    ensure!(
-        errors == 0,
-        "wrk {target}: {errors} failed requests:\n{text}"
-    );
-    text.lines()
+    let rps: f64 = text
+        .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .context("no Requests/sec")?
         .trim()
         .parse()
-        .with_context(|| format!("parse wrk output:\n{text}"))
+        .with_context(|| format!("parse wrk output:\n{text}"))?;
+    // A handful of timeouts on a loaded machine is noise; more is a fault.
+    #[expect(clippy::cast_precision_loss, reason = "a count of failures")]
+    let failed = errors as f64;
+    ensure!(
+        failed <= rps * f64::from(args.secs) / 1000.0,
+        "wrk {target}: {errors} failed requests (over 0.1 %):\n{text}"
+    );
+    Ok(rps)
 }
 
 /// The measured server: a keep-alive HTTP responder on threads inside the
