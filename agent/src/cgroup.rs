@@ -28,6 +28,15 @@ pub struct Usage {
     pub working_set_bytes: u64,
 }
 
+/// CPU throttling of a cgroup (CFS bandwidth control), cumulative.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Throttling {
+    /// Enforcement periods in which the cgroup was throttled.
+    pub periods: u64,
+    /// Total time the cgroup's tasks were throttled, in seconds.
+    pub seconds: f64,
+}
+
 impl Layout {
     /// Detects the layout under `root` (normally /sys/fs/cgroup).
     pub fn detect(root: &Path) -> Self {
@@ -113,6 +122,29 @@ impl Layout {
         }
     }
 
+    /// CPU throttling of cgroup `rel`: periods throttled and time throttled
+    /// (`cpu.stat` of the v1 `cpu` controller: `nr_throttled`,
+    /// `throttled_time` in ns; v2: `nr_throttled`, `throttled_usec`). A
+    /// cgroup without a CPU limit reads zero.
+    pub fn throttling(&self, rel: &str) -> Option<Throttling> {
+        let rel = rel.trim_start_matches('/');
+        let (text, unit) = match self {
+            Self::V2(root) => (read(&root.join(rel).join("cpu.stat"))?, 1e6),
+            Self::V1(root) => (read(&root.join("cpu").join(rel).join("cpu.stat"))?, 1e9),
+        };
+        let key = if matches!(self, Self::V2(_)) {
+            "throttled_usec"
+        } else {
+            "throttled_time"
+        };
+        #[expect(clippy::cast_precision_loss, reason = "seconds as a float metric")]
+        let seconds = stat_field(&text, key).unwrap_or(0) as f64 / unit;
+        Some(Throttling {
+            periods: stat_field(&text, "nr_throttled").unwrap_or(0),
+            seconds,
+        })
+    }
+
     /// Removes cgroup `rel` and everything below it, deepest first, in
     /// every hierarchy. Directories still holding processes are left (and
     /// reported); missing ones are fine.
@@ -175,6 +207,14 @@ mod tests {
         .expect("write");
         let l = Layout::detect(&v2);
         assert_eq!(l.oom_kills("ns/pod"), Some(1));
+        std::fs::write(
+            v2.join("ns/pod/cpu.stat"),
+            "usage_usec 2500000\nnr_periods 10\nnr_throttled 4\nthrottled_usec 1500000\n",
+        )
+        .expect("write");
+        let t = l.throttling("/ns/pod").expect("throttling");
+        assert_eq!(t.periods, 4);
+        assert!((t.seconds - 1.5).abs() < 1e-9);
         assert!(matches!(l, Layout::V2(_)));
         let u = l.usage("/ns/pod").expect("usage");
         assert!((u.cpu_seconds - 2.5).abs() < 1e-9);
@@ -198,6 +238,16 @@ mod tests {
         let l = Layout::detect(&v1);
         assert!(matches!(l, Layout::V1(_)));
         assert_eq!(l.oom_kills("ns/pod"), Some(2));
+        assert_eq!(l.throttling("ns/pod"), None, "no cpu controller directory");
+        std::fs::create_dir_all(v1.join("cpu/ns/pod")).expect("mkdir");
+        std::fs::write(
+            v1.join("cpu/ns/pod/cpu.stat"),
+            "nr_periods 7\nnr_throttled 3\nthrottled_time 250000000\n",
+        )
+        .expect("write");
+        let t = l.throttling("ns/pod").expect("throttling");
+        assert_eq!(t.periods, 3);
+        assert!((t.seconds - 0.25).abs() < 1e-9);
         let u = l.usage("ns/pod").expect("usage");
         assert!((u.cpu_seconds - 3.0).abs() < 1e-9);
         assert_eq!((u.memory_bytes, u.working_set_bytes), (5000, 4000));

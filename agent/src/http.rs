@@ -13,6 +13,7 @@
 //! - `GET /healthz`
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, LazyLock, Mutex, OnceLock, atomic::AtomicU64},
@@ -507,17 +508,243 @@ struct PhaseLabels {
     phase: String,
 }
 
-/// Renders the metrics from current readings: the eBPF counters and the
-/// pods' cgroups are read at scrape time, nothing is cached.
+type FloatCounter = Counter<f64, AtomicU64>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn gauge_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The per-pod cumulative families of `/metrics` (counters read now).
+#[derive(Default)]
+struct PodFamilies {
+    rx_bytes: Family<PodLabels, Counter>,
+    rx_packets: Family<PodLabels, Counter>,
+    rx_drops: Family<PodLabels, Counter>,
+    tx_bytes: Family<PodLabels, Counter>,
+    tx_packets: Family<PodLabels, Counter>,
+    tx_drops: Family<PodLabels, Counter>,
+    cpu: Family<PodLabels, FloatCounter>,
+    throttled: Family<PodLabels, FloatCounter>,
+    throttled_periods: Family<PodLabels, Counter>,
+    mem: Family<PodLabels, Gauge>,
+    wss: Family<PodLabels, Gauge>,
+    ooms: Family<PodLabels, Counter>,
+    opened: Family<PodLabels, Counter>,
+    accepted: Family<PodLabels, Counter>,
+    retransmits: Family<PodLabels, Counter>,
+    container_cpu: Family<ContainerLabels, FloatCounter>,
+    container_wss: Family<ContainerLabels, Gauge>,
+}
+
+impl PodFamilies {
+    fn add(&self, labels: &PodLabels, r: &crate::metrics::PodReading) {
+        let m = &r.reading;
+        self.rx_bytes.get_or_create(labels).inc_by(m.net.rx_bytes);
+        self.rx_packets
+            .get_or_create(labels)
+            .inc_by(m.net.rx_packets);
+        self.rx_drops.get_or_create(labels).inc_by(m.receive_drops);
+        self.tx_bytes.get_or_create(labels).inc_by(m.net.tx_bytes);
+        self.tx_packets
+            .get_or_create(labels)
+            .inc_by(m.net.tx_packets);
+        self.tx_drops.get_or_create(labels).inc_by(m.transmit_drops);
+        self.cpu.get_or_create(labels).inc_by(m.cpu_seconds);
+        self.throttled
+            .get_or_create(labels)
+            .inc_by(m.throttled_seconds);
+        self.throttled_periods
+            .get_or_create(labels)
+            .inc_by(m.throttled_periods);
+        self.mem
+            .get_or_create(labels)
+            .set(gauge_i64(m.memory_usage_bytes));
+        self.wss
+            .get_or_create(labels)
+            .set(gauge_i64(m.memory_working_set_bytes));
+        self.ooms.get_or_create(labels).inc_by(m.oom_kills);
+        self.opened.get_or_create(labels).inc_by(m.tcp.opened);
+        self.accepted.get_or_create(labels).inc_by(m.tcp.accepted);
+        self.retransmits
+            .get_or_create(labels)
+            .inc_by(m.tcp.retransmits);
+        for (name, cpu, wss) in &r.containers {
+            let l = ContainerLabels {
+                node: labels.node.clone(),
+                namespace: labels.namespace.clone(),
+                pod: labels.pod.clone(),
+                container: name.clone(),
+            };
+            self.container_cpu.get_or_create(&l).inc_by(*cpu);
+            self.container_wss.get_or_create(&l).set(gauge_i64(*wss));
+        }
+    }
+
+    fn register(self, reg: &mut Registry) {
+        let k = crate::metrics::kernel().is_some();
+        for (name, help, fam) in [
+            (
+                "weir_pod_network_receive_bytes",
+                "Bytes delivered to the pod (eBPF, host-side veth egress, after network policy)",
+                self.rx_bytes,
+            ),
+            (
+                "weir_pod_network_receive_packets",
+                "Packets delivered to the pod",
+                self.rx_packets,
+            ),
+            (
+                "weir_pod_network_receive_drops",
+                "Packets to the pod the kernel dropped on its veth (policy denials: weir_policy_drops_total)",
+                self.rx_drops,
+            ),
+            (
+                "weir_pod_network_transmit_bytes",
+                "Bytes sent by the pod (eBPF, host-side veth ingress, after network policy)",
+                self.tx_bytes,
+            ),
+            (
+                "weir_pod_network_transmit_packets",
+                "Packets sent by the pod",
+                self.tx_packets,
+            ),
+            (
+                "weir_pod_network_transmit_drops",
+                "Packets from the pod the kernel dropped on its veth (policy denials: weir_policy_drops_total)",
+                self.tx_drops,
+            ),
+            (
+                "weir_pod_cpu_throttled_periods",
+                "CFS periods in which the pod was throttled",
+                self.throttled_periods,
+            ),
+            (
+                "weir_pod_oom_kills",
+                "Processes of the pod the kernel OOM-killed",
+                self.ooms,
+            ),
+        ] {
+            reg.register(name, help, fam);
+        }
+        if k {
+            reg.register(
+                "weir_pod_tcp_connections_opened",
+                "TCP connections the pod opened that were established (eBPF sock_ops)",
+                self.opened,
+            );
+            reg.register(
+                "weir_pod_tcp_connections_accepted",
+                "TCP connections the pod accepted (eBPF sock_ops)",
+                self.accepted,
+            );
+            reg.register(
+                "weir_pod_tcp_retransmits",
+                "TCP segments the pod retransmitted (tracepoint tcp:tcp_retransmit_skb)",
+                self.retransmits,
+            );
+        }
+        reg.register_with_unit(
+            "weir_pod_cpu_usage",
+            "CPU time used by the pod's containers",
+            prometheus_client::registry::Unit::Seconds,
+            self.cpu,
+        );
+        reg.register_with_unit(
+            "weir_pod_cpu_throttled",
+            "Time the pod was throttled by its CPU limit",
+            prometheus_client::registry::Unit::Seconds,
+            self.throttled,
+        );
+        reg.register(
+            "weir_pod_memory_usage_bytes",
+            "Memory used by the pod's cgroup",
+            self.mem,
+        );
+        reg.register(
+            "weir_pod_memory_working_set_bytes",
+            "Memory usage minus inactive file cache",
+            self.wss,
+        );
+        reg.register_with_unit(
+            "weir_container_cpu_usage",
+            "CPU time used by the container",
+            prometheus_client::registry::Unit::Seconds,
+            self.container_cpu,
+        );
+        reg.register(
+            "weir_container_memory_working_set_bytes",
+            "Container memory usage minus inactive file cache",
+            self.container_wss,
+        );
+    }
+}
+
+/// Registers the newest sample's per-second gauges (named as the metrics
+/// API's `values` keys, without the OOM total a counter already has) and
+/// CPU cores, per pod and for the node.
+fn register_sample(reg: &mut Registry, node: &str, s: &crate::metrics::Sample) {
+    let mut pods: BTreeMap<String, Family<PodLabels, FloatGauge>> = BTreeMap::new();
+    let cores = Family::<PodLabels, FloatGauge>::default();
+    for p in &s.pods {
+        let labels = PodLabels {
+            node: node.to_owned(),
+            namespace: p.namespace.clone(),
+            pod: p.name.clone(),
+        };
+        cores.get_or_create(&labels).set(p.cpu_cores);
+        for (k, v) in &p.values {
+            if k.ends_with("_oom_kills") {
+                continue;
+            }
+            pods.entry(k.clone())
+                .or_default()
+                .get_or_create(&labels)
+                .set(*v);
+        }
+    }
+    reg.register(
+        "weir_pod_cpu_cores",
+        "CPU used by the pod over the last sampling window, in cores",
+        cores,
+    );
+    for (k, fam) in pods {
+        reg.register(k.clone(), format!("{k} over the last sampling window"), fam);
+    }
+    let at = NodeLabels {
+        node: node.to_owned(),
+    };
+    let gauge = |v: f64| {
+        let g = Family::<NodeLabels, FloatGauge>::default();
+        g.get_or_create(&at).set(v);
+        g
+    };
+    reg.register(
+        "weir_node_cpu_cores",
+        "CPU used by the node's pods over the last sampling window, in cores",
+        gauge(s.node.cpu_cores),
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a float gauge")]
+    let wss = s.node.memory_working_set_bytes as f64;
+    reg.register(
+        "weir_node_memory_working_set_bytes",
+        "Memory working set of the node's pods",
+        gauge(wss),
+    );
+    for (k, v) in &s.node.values {
+        reg.register(
+            k.clone(),
+            format!("{k} (sum over the node's pods) over the last sampling window"),
+            gauge(*v),
+        );
+    }
+}
+
+/// Renders the metrics: counters and memory read now (eBPF maps, cgroups),
+/// per-second gauges from the newest sample.
 pub fn render(mgr: &Manager, node: &str) -> String {
     let mut reg = Registry::default();
-    let rx_bytes = Family::<PodLabels, Counter>::default();
-    let rx_packets = Family::<PodLabels, Counter>::default();
-    let tx_bytes = Family::<PodLabels, Counter>::default();
-    let tx_packets = Family::<PodLabels, Counter>::default();
-    let cpu = Family::<PodLabels, Counter<f64, AtomicU64>>::default();
-    let mem = Family::<PodLabels, Gauge>::default();
-    let wss = Family::<PodLabels, Gauge>::default();
+    let fams = PodFamilies::default();
     let restarts = Family::<ContainerLabels, Counter>::default();
     let phases = Family::<PhaseLabels, Gauge>::default();
     for p in mgr.pods() {
@@ -526,7 +753,6 @@ pub fn render(mgr: &Manager, node: &str) -> String {
             namespace: p.metadata.namespace.clone().unwrap_or_default(),
             pod: p.metadata.name.clone().unwrap_or_default(),
         };
-        let uid = p.metadata.uid.clone().unwrap_or_default();
         let status = p.status.as_ref();
         phases
             .get_or_create(&PhaseLabels {
@@ -549,56 +775,14 @@ pub fn render(mgr: &Manager, node: &str) -> String {
                 .get_or_create(&l)
                 .inc_by(u64::try_from(cs.restart_count).unwrap_or(0));
         }
-        if let Some(ifindex) = mgr.ifindex(&uid) {
-            let c = mgr.dataplane().counters(ifindex);
-            rx_bytes.get_or_create(&labels).inc_by(c.rx_bytes);
-            rx_packets.get_or_create(&labels).inc_by(c.rx_packets);
-            tx_bytes.get_or_create(&labels).inc_by(c.tx_bytes);
-            tx_packets.get_or_create(&labels).inc_by(c.tx_packets);
-        }
-        if let Some(u) = mgr.cgroups().usage(&format!("/{}/{uid}", mgr.namespace())) {
-            cpu.get_or_create(&labels).inc_by(u.cpu_seconds);
-            mem.get_or_create(&labels)
-                .set(i64::try_from(u.memory_bytes).unwrap_or(i64::MAX));
-            wss.get_or_create(&labels)
-                .set(i64::try_from(u.working_set_bytes).unwrap_or(i64::MAX));
+        if let Some(r) = crate::metrics::read_pod(mgr, &p) {
+            fams.add(&labels, &r);
         }
     }
-    reg.register(
-        "weir_pod_network_receive_bytes",
-        "Bytes delivered to the pod (eBPF, host-side veth egress)",
-        rx_bytes,
-    );
-    reg.register(
-        "weir_pod_network_receive_packets",
-        "Packets delivered to the pod",
-        rx_packets,
-    );
-    reg.register(
-        "weir_pod_network_transmit_bytes",
-        "Bytes sent by the pod (eBPF, host-side veth ingress)",
-        tx_bytes,
-    );
-    reg.register(
-        "weir_pod_network_transmit_packets",
-        "Packets sent by the pod",
-        tx_packets,
-    );
-    reg.register(
-        "weir_pod_cpu_usage_seconds",
-        "CPU time used by the pod's containers",
-        cpu,
-    );
-    reg.register(
-        "weir_pod_memory_usage_bytes",
-        "Memory used by the pod's cgroup",
-        mem,
-    );
-    reg.register(
-        "weir_pod_memory_working_set_bytes",
-        "Memory usage minus inactive file cache",
-        wss,
-    );
+    fams.register(&mut reg);
+    if let Some(s) = crate::metrics::latest() {
+        register_sample(&mut reg, node, &s);
+    }
     reg.register("weir_container_restarts", "Container restarts", restarts);
     reg.register("weir_pods", "Pods on this node by phase", phases);
     register_lb(&mut reg, node);

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod flows;
 pub mod http;
 pub mod lb;
+pub mod metrics;
 pub mod net;
 pub mod pod;
 pub mod policy;

@@ -133,6 +133,11 @@ struct Args {
     /// Restart back-off cap.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     backoff_max: Duration,
+
+    /// Metrics sampling period (per-pod rates, pushed to the control); 0
+    /// turns sampling off (`/metrics` still serves the counters).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    metrics_interval: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -235,6 +240,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("set up node network")?;
     let dp = Dataplane::load(&args.bpffs, &node).context("load eBPF dataplane")?;
+    load_kernel_metrics(&args, &node, pod_cidr);
     let channel = cri::connect(&args.containerd_socket)?;
     let rt = Runtime::new(channel.clone(), ns.clone());
     let cgroups = Layout::detect(&args.cgroupfs);
@@ -277,6 +283,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.listen,
         mgr.clone(),
         node.clone(),
+        cancel.clone(),
+    ));
+    tokio::spawn(weir_agent::metrics::run(
+        mgr.clone(),
+        node.clone(),
+        args.metrics_interval,
         cancel.clone(),
     ));
     wait_for_containerd(&channel, &args.containerd_socket, &cancel).await;
@@ -348,6 +360,23 @@ fn load_lb(
         Err(e) => {
             tracing::error!(error = %e, "cannot load the service load balancer: services are not balanced");
             None
+        }
+    }
+}
+
+/// Loads (or adopts) the kernel TCP metric programs for the node's pod
+/// CIDR; without them (logged) pods have no connection, retransmit or RTT
+/// metrics.
+fn load_kernel_metrics(args: &Args, node: &str, pod_cidr: Cidr) {
+    use weir_agent::{lb, metrics};
+    let Some(opts) = lb::Options::host_root(&args.cgroupfs) else {
+        tracing::error!(cgroupfs = %args.cgroupfs.display(), "no cgroup2 hierarchy: no TCP metrics");
+        return;
+    };
+    match metrics::KernelMetrics::load(&args.bpffs, node, &opts.cgroup, Some(pod_cidr)) {
+        Ok(k) => metrics::set_kernel(std::sync::Arc::new(k)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the TCP metric programs: no TCP metrics");
         }
     }
 }

@@ -44,6 +44,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "etcd-server",
         "the etcd store backend's tests start an etcd",
     ),
+    (
+        "prometheus",
+        "the Prometheus test scrapes the agents' /metrics and queries PromQL",
+    ),
 ];
 
 fn have_package(name: &str) -> bool {

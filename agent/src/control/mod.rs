@@ -10,6 +10,7 @@
 //! says, and the streams reconnect with backoff and resume.
 
 pub mod events;
+pub mod metrics;
 pub mod policy;
 mod report;
 pub mod resources;
@@ -313,6 +314,7 @@ impl Control {
                 }
             })
         });
+        let metrics = tokio::spawn(metrics::push(self.channel.clone(), cancel.clone()));
         let policy = Arc::new(policy_hub(&self.settings.address));
         let enforcer = load_enforcer(&mgr, &policy);
         let shared = Arc::new(Shared {
@@ -347,7 +349,7 @@ impl Control {
         });
         let flows = isolation.and_then(|e| start_flows(&shared, e, cancel.clone()));
         let report = tokio::spawn(report::run(shared, cancel.clone()));
-        let _ = tokio::join!(beat, follow, probes, report);
+        let _ = tokio::join!(beat, follow, probes, report, metrics);
         if let Some(t) = enforce {
             let _ = t.await;
         }

@@ -732,6 +732,78 @@ pub struct FlowRecord {
     pub pad: u32,
 }
 
+// ---------------------------------------------------------- kernel metrics
+
+/// Name of the per-CPU hash of TCP socket statistics per local IPv4
+/// address (a pod IP; network order u32 key) → [`SockStats`]. The programs
+/// are global (cgroup2 root, tracepoint): every node on the kernel counts
+/// every local address inside its [`MetricsConfig`] prefix; each agent reads
+/// only its pods' IPs.
+pub const SOCK_STATS_MAP: &str = "weir_sock_stats_v1";
+/// Maximum number of addresses in [`SOCK_STATS_MAP`].
+pub const SOCK_STATS_MAP_ENTRIES: u32 = 16_384;
+/// Name of the one-entry array holding the [`MetricsConfig`].
+pub const METRICS_CFG_MAP: &str = "weir_metrics_cfg_v1";
+/// Name of the `sock_ops` program counting established connections and
+/// sampling smoothed RTTs (cgroup2 root).
+pub const PROG_METRICS_SOCKOPS: &str = "weir_metrics_sockops";
+/// Name of the tracepoint program (`tcp:tcp_retransmit_skb`) counting
+/// retransmitted segments.
+pub const PROG_METRICS_RETRANSMIT: &str = "weir_metrics_retransmit";
+
+/// Value of [`SOCK_STATS_MAP`], one per CPU; userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStats {
+    /// TCP connections the address opened (active open reached ESTABLISHED).
+    pub opened: u64,
+    /// TCP connections the address accepted (passive open reached ESTABLISHED).
+    pub accepted: u64,
+    /// TCP segments retransmitted from the address.
+    pub retransmits: u64,
+    /// Smoothed-RTT samples taken (one when a connection is established,
+    /// one when it leaves ESTABLISHED).
+    pub rtt_samples: u64,
+    /// Sum of those samples in the kernel's unit: microseconds << 3
+    /// (`tcp_sock.srtt_us`); userspace divides by 8.
+    pub srtt_sum: u64,
+}
+
+impl core::ops::Add for SockStats {
+    type Output = Self;
+
+    /// Adds another CPU's statistics to these.
+    fn add(self, o: Self) -> Self {
+        Self {
+            opened: self.opened.wrapping_add(o.opened),
+            accepted: self.accepted.wrapping_add(o.accepted),
+            retransmits: self.retransmits.wrapping_add(o.retransmits),
+            rtt_samples: self.rtt_samples.wrapping_add(o.rtt_samples),
+            srtt_sum: self.srtt_sum.wrapping_add(o.srtt_sum),
+        }
+    }
+}
+
+/// Value of [`METRICS_CFG_MAP`] (index 0): which local addresses to count.
+/// An address is counted if `addr & mask == net`; a zero mask counts all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The node's pod CIDR's network address, network order.
+    pub net: u32,
+    /// Its netmask, network order.
+    pub mask: u32,
+}
+
+#[cfg(feature = "user")]
+mod user_metrics {
+    // SAFETY: repr(C), Copy, no padding (u64/u32 fields only), every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for super::SockStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MetricsConfig {}
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are repr(C), Copy, have no padding and every bit
@@ -985,5 +1057,28 @@ mod tests {
                 tx_bytes: 44
             }
         );
+    }
+
+    #[test]
+    fn metrics_layouts_are_pinned() {
+        use super::{MetricsConfig, SockStats};
+        assert_eq!(size_of::<SockStats>(), 40);
+        assert_eq!(offset_of!(SockStats, opened), 0);
+        assert_eq!(offset_of!(SockStats, accepted), 8);
+        assert_eq!(offset_of!(SockStats, retransmits), 16);
+        assert_eq!(offset_of!(SockStats, rtt_samples), 24);
+        assert_eq!(offset_of!(SockStats, srtt_sum), 32);
+        assert_eq!(size_of::<MetricsConfig>(), 8);
+        assert_eq!(offset_of!(MetricsConfig, net), 0);
+        assert_eq!(offset_of!(MetricsConfig, mask), 4);
+        let one = SockStats {
+            opened: 1,
+            accepted: 2,
+            retransmits: 3,
+            rtt_samples: 4,
+            srtt_sum: 5,
+        };
+        assert_eq!((one + one).srtt_sum, 10);
+        assert_eq!((one + one).opened, 2);
     }
 }

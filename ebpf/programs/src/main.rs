@@ -7,10 +7,14 @@
 //!
 //! Service load balancing: cgroup sock_addr programs in [`lb`]; `NodePort`
 //! on the uplink in [`nodeport`].
+//!
+//! Kernel-level TCP metrics (connections, retransmits, RTT) per pod IP in
+//! [`metrics`].
 #![no_std]
 #![no_main]
 
 mod lb;
+mod metrics;
 mod nodeport;
 mod policy;
 

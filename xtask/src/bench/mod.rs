@@ -10,6 +10,7 @@ mod density;
 mod env;
 mod lb;
 mod lb_programming;
+mod metrics;
 mod pod_start;
 mod policy;
 mod probe;
@@ -138,6 +139,29 @@ enum Which {
         #[arg(long)]
         only: Option<String>,
     },
+    /// What metrics cost: agent CPU for 1 s sampling at 110 pods (on vs
+    /// off) and the eBPF counters' cost in pod-to-pod requests/s (attached
+    /// vs detached), same run.
+    Metrics {
+        /// Pods on the node.
+        #[arg(long, default_value_t = 110)]
+        pods: usize,
+        /// Length of each idle CPU window, in seconds.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// CPU window pairs (on, off).
+        #[arg(long, default_value_t = 2)]
+        cpu_reps: usize,
+        /// Paired wrk repetitions.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        /// Build in the dev profile instead of release (shared machines).
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -207,6 +231,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 only: only.clone(),
             });
         }
+        Which::Metrics { .. } => return metrics::run_args(&args.bench),
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -231,7 +256,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         | Which::ControlRss
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
-        | Which::Policy { .. } => {
+        | Which::Policy { .. }
+        | Which::Metrics { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
     }
@@ -250,7 +276,8 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
         | Which::Scheduler { .. }
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
-        | Which::Policy { .. } => {
+        | Which::Policy { .. }
+        | Which::Metrics { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
     }
