@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::sync::watch;
 use weir_control::{
-    api, controllers, leader, nodes, scheduler,
+    api, controllers, leader, metrics, nodes, scheduler,
     store::{EtcdStore, RedbStore, Store},
 };
 
@@ -202,6 +202,8 @@ async fn serve<S: Store>(
         scheduler: args.scheduler()?,
     };
     let api = Arc::new(api::ObjectsApi::new(store).with_service_cidr(args.service_cidr));
+    // --- metrics (agents' samples, in memory) ---
+    let metrics_store = metrics::MetricsStore::new();
     api.ensure_default_namespaces()
         .await
         .context("create the default namespaces")?;
@@ -213,6 +215,10 @@ async fn serve<S: Store>(
         tonic::transport::Server::builder()
             .add_service(api::service_from(Arc::clone(&api)))
             .add_service(nodes::service(Arc::clone(&api), args.nodes()))
+            .add_service(metrics::service(
+                Arc::clone(&metrics_store),
+                Arc::clone(&api),
+            ))
             .serve_with_shutdown(listen, async {
                 let _ = closed.await;
             }),

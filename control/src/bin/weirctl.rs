@@ -43,6 +43,8 @@ mod resource;
 mod rollout;
 #[path = "weirctl/services.rs"]
 mod services;
+#[path = "weirctl/top.rs"]
+mod top;
 
 use std::time::Duration;
 
@@ -171,6 +173,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Show the newest CPU and memory samples of nodes or pods (from the
+    /// agents, through weir-control's Metrics API).
+    Top {
+        #[command(subcommand)]
+        cmd: TopCmd,
+    },
     /// Set the replicas of a deployment or replicaset (read-modify-apply
     /// with the resource version read; retried on a conflict).
     Scale {
@@ -218,6 +226,27 @@ enum Cmd {
         /// Give up after this long (e.g. 60s; 0: wait forever).
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopCmd {
+    /// CPU (millicores) and memory of every node, and their share of the
+    /// node's allocatable.
+    #[command(visible_aliases = ["node", "no"])]
+    Nodes,
+    /// CPU (millicores) and memory of the pods of a namespace.
+    #[command(visible_aliases = ["pod", "po"])]
+    Pods {
+        /// Every namespace (adds a NAMESPACE column).
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Label selector, e.g. `app=web`.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// One row per container.
+        #[arg(long)]
+        containers: bool,
     },
 }
 
@@ -386,6 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Flows(a) => flows::run(&api, &a.options(cli.namespace)).await,
         Cmd::Policy { cmd } => policy_cmd(&api, ns, cmd).await,
+        Cmd::Top { cmd } => top_cmd(&api, &server, ns, cmd).await,
         Cmd::Scale { target, replicas } => {
             let (r, name) = one_target(&target, "scale")?;
             rollout::scale(&api, r, ns, &name, replicas).await
@@ -422,6 +452,25 @@ async fn policy_cmd(api: &Api, ns: &str, cmd: PolicyCmd) -> anyhow::Result<()> {
                 // Denied: the trace says so; exit 1.
                 Err(Reported.into())
             }
+        }
+    }
+}
+
+async fn top_cmd(api: &Api, server: &str, ns: &str, cmd: TopCmd) -> anyhow::Result<()> {
+    match cmd {
+        TopCmd::Nodes => top::nodes(api, server).await,
+        TopCmd::Pods {
+            all_namespaces,
+            selector,
+            containers,
+        } => {
+            let o = top::PodOptions {
+                namespace: ns.to_owned(),
+                all_namespaces,
+                selector,
+                containers,
+            };
+            top::pods(server, &o).await
         }
     }
 }
