@@ -29,6 +29,8 @@ mod flows;
 mod format;
 #[path = "weirctl/get.rs"]
 mod get;
+#[path = "weirctl/hpa.rs"]
+mod hpa;
 #[path = "weirctl/logs.rs"]
 mod logs;
 #[path = "weirctl/netpol.rs"]
@@ -83,7 +85,8 @@ enum Cmd {
     },
     /// List objects as a table, or show some by name. Types: pods (po),
     /// deployments (deploy), replicasets (rs), daemonsets (ds), nodes (no),
-    /// namespaces (ns), events (ev), services (svc), endpointslices, and
+    /// namespaces (ns), events (ev), services (svc), endpointslices,
+    /// horizontalpodautoscalers (hpa), and
     /// `all` (pods, services, daemonsets, deployments, replicasets).
     /// `get deploy web api`, `get deploy/web`.
     Get {
@@ -189,6 +192,10 @@ enum Cmd {
         #[arg(long)]
         replicas: i64,
     },
+    /// Create a HorizontalPodAutoscaler (named after the target) that
+    /// scales a deployment or replicaset between --min and --max replicas
+    /// on cpu utilization (--cpu-percent, default 80).
+    Autoscale(hpa::AutoscaleArgs),
     /// Follow, undo or list the rollouts of a deployment.
     Rollout {
         #[command(subcommand)]
@@ -420,6 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (r, name) = one_target(&target, "scale")?;
             rollout::scale(&api, r, ns, &name, replicas).await
         }
+        Cmd::Autoscale(a) => hpa::autoscale(&api, ns, &a).await,
         Cmd::Rollout { cmd } => rollout_cmd(&api, ns, cmd).await,
         Cmd::Cordon { node } => node::cordon(&api, &node, true).await,
         Cmd::Uncordon { node } => node::cordon(&api, &node, false).await,
