@@ -71,6 +71,13 @@ struct Args {
     #[arg(long, default_value = "1h", value_parser = controllers::parse_duration)]
     event_ttl: Duration,
 
+    /// `HorizontalPodAutoscaler` sync: 0s (default) reconciles an HPA on
+    /// every metrics report of its target's pods (and on HPA or target
+    /// changes, with a 15s resync); a period (e.g. 15s, Kubernetes'
+    /// default) syncs every HPA at that period only.
+    #[arg(long, default_value = "0s", value_parser = controllers::parse_duration)]
+    hpa_sync_period: Duration,
+
     /// Serve the API only: run neither the scheduler nor the controllers
     /// (for tests and debugging; nothing then acts on the objects).
     #[arg(long)]
@@ -113,6 +120,7 @@ impl Args {
             node_monitor_period: self.node_monitor_period,
             burst_replicas: self.burst_replicas,
             event_ttl: self.event_ttl,
+            hpa_sync_period: self.hpa_sync_period,
             ..controllers::Config::default()
         }
     }
@@ -196,14 +204,17 @@ async fn serve<S: Store>(
 ) -> anyhow::Result<()> {
     let listen = args.listen;
     let leader_config = args.leader()?;
+    // --- metrics (agents' samples, in memory; read by the autoscaler) ---
+    let metrics_store = metrics::MetricsStore::new();
     let leading = Leading {
         id: leader_config.id.clone(),
-        controllers: (!args.disable_controllers).then(|| args.controllers()),
+        controllers: (!args.disable_controllers).then(|| controllers::Config {
+            metrics: Some(Arc::clone(&metrics_store)),
+            ..args.controllers()
+        }),
         scheduler: args.scheduler()?,
     };
     let api = Arc::new(api::ObjectsApi::new(store).with_service_cidr(args.service_cidr));
-    // --- metrics (agents' samples, in memory) ---
-    let metrics_store = metrics::MetricsStore::new();
     api.ensure_default_namespaces()
         .await
         .context("create the default namespaces")?;
