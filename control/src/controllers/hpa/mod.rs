@@ -19,6 +19,8 @@ pub mod behavior;
 pub mod replicas;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_e2e;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
