@@ -31,6 +31,10 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
 
+    /// Address to serve Prometheus `/metrics` on (empty: don't).
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    metrics_listen: String,
+
     /// Where objects live: a redb file path (default) or
     /// `etcd://host:port[,host:port...]`.
     #[arg(long, default_value = "/var/lib/weir/control/weir.redb")]
@@ -221,6 +225,7 @@ async fn serve<S: Store>(
     tracing::info!(%listen, store = %args.store, "weir-control serving");
     let (stop, stopped) = watch::channel(false);
     let background = spawn_leader_work(&api, leading, elector, stopped);
+    spawn_metrics_endpoint(args, &api, &metrics_store, &stop)?;
     let (close, closed) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -266,6 +271,33 @@ async fn serve<S: Store>(
     outcome
         .context("server task")?
         .with_context(|| format!("serve on {listen}"))
+}
+
+/// Serves `/metrics` on `--metrics-listen` (unless empty) until shutdown.
+fn spawn_metrics_endpoint<S: Store>(
+    args: &Args,
+    api: &Arc<api::ObjectsApi<S>>,
+    store: &Arc<metrics::MetricsStore>,
+    stop: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    if args.metrics_listen.is_empty() {
+        return Ok(());
+    }
+    let listen: SocketAddr = args
+        .metrics_listen
+        .parse()
+        .with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
+    let (api, store) = (Arc::clone(api), Arc::clone(store));
+    let mut stopped = stop.subscribe();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = metrics::exporter::serve(listen, api, store, shutdown).await {
+            tracing::error!(%listen, error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.
