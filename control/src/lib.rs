@@ -10,6 +10,7 @@ pub mod controllers;
 pub mod events;
 pub mod leader;
 pub mod matching;
+pub mod metrics;
 pub mod nodes;
 pub mod scheduler;
 pub mod servicemap;

@@ -1,6 +1,6 @@
 //! Manifest parsing and validation: Kubernetes-shaped YAML in, validated
 //! k8s-openapi objects out (Pod, `ReplicaSet`, Deployment, `DaemonSet`, Node,
-//! Event, Service, `EndpointSlice`, `NetworkPolicy`).
+//! Event, Service, `EndpointSlice`, `NetworkPolicy`, `HorizontalPodAutoscaler`).
 //!
 //! A document goes through three steps. The raw JSON is walked against its
 //! kind's field table (rendered for the README by [`field_table_markdown`]):
@@ -14,6 +14,7 @@
 mod apps;
 mod check;
 mod fields;
+mod hpa;
 mod names;
 mod netpol;
 mod netpol_fields;
@@ -26,6 +27,7 @@ mod table;
 mod walk;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -33,6 +35,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use check::selector_matches;
+pub use hpa::{DEFAULT_CPU_UTILIZATION, SCALABLE_KINDS, default_rules as hpa_default_rules};
 pub use names::{dns1123_label, dns1123_subdomain};
 pub use quantity::{parse_cpu_millis, parse_memory_bytes};
 pub use service::{DEFAULT_AFFINITY_TIMEOUT, MAX_ENDPOINTS, NODE_PORT_RANGE};
@@ -267,6 +270,26 @@ pub fn validate_network_policy(
     )
 }
 
+/// Validate an `autoscaling/v2` `HorizontalPodAutoscaler` as the apiserver
+/// does (target kind and name, minReplicas ≥ 1, maxReplicas ≥ minReplicas,
+/// each metric's source and a positive target, behavior policies and
+/// windows) and apply its defaulting: minReplicas 1, metrics cpu at 80%
+/// utilization, and every absent field of a given `behavior` (see
+/// [`hpa_default_rules`]). `Object`, `External` and `ContainerResource`
+/// metrics are refused as not supported by weir.
+pub fn validate_horizontal_pod_autoscaler(
+    source: &str,
+    doc: &Value,
+) -> Result<Valid<HorizontalPodAutoscaler>, ManifestError> {
+    validate_with(
+        source,
+        &hpa::quantities_as_strings(doc),
+        &hpa::HORIZONTAL_POD_AUTOSCALER,
+        "autoscaling/v2",
+        hpa::horizontal_pod_autoscaler,
+    )
+}
+
 fn validate_with<T: DeserializeOwned>(
     source: &str,
     doc: &Value,
@@ -410,6 +433,8 @@ pub fn field_table_markdown() -> String {
     out
 }
 
+#[cfg(test)]
+mod hpa_tests;
 #[cfg(test)]
 mod netpol_tests;
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub enum Kind {
     EndpointSlice,
     /// `networking.k8s.io/v1` `NetworkPolicy` (namespaced).
     NetworkPolicy,
+    /// `autoscaling/v2` `HorizontalPodAutoscaler` (namespaced).
+    HorizontalPodAutoscaler,
 }
 
 /// A validated manifest: the object (metadata and spec, no status), the
@@ -80,7 +82,7 @@ impl Validated {
 
 impl Kind {
     /// Every kind, in the order `weirctl get all` lists them.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Pod,
         Self::Service,
         Self::ReplicaSet,
@@ -91,6 +93,7 @@ impl Kind {
         Self::Event,
         Self::EndpointSlice,
         Self::NetworkPolicy,
+        Self::HorizontalPodAutoscaler,
     ];
 
     /// Looks up a kind by its `kind` field.
@@ -117,6 +120,7 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
         }
     }
 
@@ -127,6 +131,7 @@ impl Kind {
             Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "core",
             Self::EndpointSlice => "discovery.k8s.io",
             Self::NetworkPolicy => "networking.k8s.io",
+            Self::HorizontalPodAutoscaler => "autoscaling",
         }
     }
 
@@ -137,6 +142,7 @@ impl Kind {
             Self::Namespace | Self::Pod | Self::Node | Self::Event | Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
             Self::NetworkPolicy => "networking.k8s.io/v1",
+            Self::HorizontalPodAutoscaler => "autoscaling/v2",
         }
     }
 
@@ -153,6 +159,7 @@ impl Kind {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
             Self::NetworkPolicy => "networkpolicies",
+            Self::HorizontalPodAutoscaler => "horizontalpodautoscalers",
         }
     }
 
@@ -247,6 +254,10 @@ impl Kind {
                 self,
                 m::validate_network_policy(source, doc).map_err(invalid)?,
             )?,
+            Self::HorizontalPodAutoscaler => typed(
+                self,
+                m::validate_horizontal_pod_autoscaler(source, doc).map_err(invalid)?,
+            )?,
         };
         Validated::new(source, object, warnings)
     }
@@ -269,6 +280,10 @@ impl Kind {
             Self::Service => serde_json::from_value::<ServiceStatus>(status.clone()).map(drop),
             Self::Event | Self::EndpointSlice => Ok(()),
             Self::NetworkPolicy => Err(serde::de::Error::custom("a NetworkPolicy has no status")),
+            Self::HorizontalPodAutoscaler => serde_json::from_value::<
+                k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerStatus,
+            >(status.clone())
+            .map(drop),
         };
         checked.map_err(|e| ApiError::Invalid(format!("status: {e}")))
     }

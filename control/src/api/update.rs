@@ -33,7 +33,11 @@ pub(super) fn check(kind: Kind, stored: &Stored, desired: &mut Stored) -> Result
         }
         Kind::Node => node(stored, desired),
         Kind::Service => super::services::check_update(stored, desired),
-        Kind::Namespace | Kind::Event | Kind::EndpointSlice | Kind::NetworkPolicy => Ok(()),
+        Kind::Namespace
+        | Kind::Event
+        | Kind::EndpointSlice
+        | Kind::NetworkPolicy
+        | Kind::HorizontalPodAutoscaler => Ok(()),
     }
 }
 

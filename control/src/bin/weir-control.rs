@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::sync::watch;
 use weir_control::{
-    api, controllers, leader, nodes, scheduler,
+    api, controllers, leader, metrics, nodes, scheduler,
     store::{EtcdStore, RedbStore, Store},
 };
 
@@ -30,6 +30,10 @@ struct Args {
     /// Address to serve the API on.
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
+
+    /// Address to serve Prometheus `/metrics` on (empty: don't).
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    metrics_listen: String,
 
     /// Where objects live: a redb file path (default) or
     /// `etcd://host:port[,host:port...]`.
@@ -70,6 +74,13 @@ struct Args {
     /// How long events are kept after they last happened.
     #[arg(long, default_value = "1h", value_parser = controllers::parse_duration)]
     event_ttl: Duration,
+
+    /// `HorizontalPodAutoscaler` sync: 0s (default) reconciles an HPA on
+    /// every metrics report of its target's pods (and on HPA or target
+    /// changes, with a 15s resync); a period (e.g. 15s, Kubernetes'
+    /// default) syncs every HPA at that period only.
+    #[arg(long, default_value = "0s", value_parser = controllers::parse_duration)]
+    hpa_sync_period: Duration,
 
     /// Serve the API only: run neither the scheduler nor the controllers
     /// (for tests and debugging; nothing then acts on the objects).
@@ -113,6 +124,7 @@ impl Args {
             node_monitor_period: self.node_monitor_period,
             burst_replicas: self.burst_replicas,
             event_ttl: self.event_ttl,
+            hpa_sync_period: self.hpa_sync_period,
             ..controllers::Config::default()
         }
     }
@@ -196,9 +208,14 @@ async fn serve<S: Store>(
 ) -> anyhow::Result<()> {
     let listen = args.listen;
     let leader_config = args.leader()?;
+    // --- metrics (agents' samples, in memory; read by the autoscaler) ---
+    let metrics_store = metrics::MetricsStore::new();
     let leading = Leading {
         id: leader_config.id.clone(),
-        controllers: (!args.disable_controllers).then(|| args.controllers()),
+        controllers: (!args.disable_controllers).then(|| controllers::Config {
+            metrics: Some(Arc::clone(&metrics_store)),
+            ..args.controllers()
+        }),
         scheduler: args.scheduler()?,
     };
     let api = Arc::new(api::ObjectsApi::new(store).with_service_cidr(args.service_cidr));
@@ -208,6 +225,7 @@ async fn serve<S: Store>(
     tracing::info!(%listen, store = %args.store, "weir-control serving");
     let (stop, stopped) = watch::channel(false);
     let background = spawn_leader_work(&api, leading, elector, stopped);
+    spawn_metrics_endpoint(args, &api, &metrics_store, &stop)?;
     let (close, closed) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -215,6 +233,10 @@ async fn serve<S: Store>(
             .add_service(nodes::service(Arc::clone(&api), args.nodes()))
             // The cluster service map (agents report edges, readers get them).
             .add_service(weir_control::servicemap::service(Arc::clone(&api)))
+            .add_service(metrics::service(
+                Arc::clone(&metrics_store),
+                Arc::clone(&api),
+            ))
             .serve_with_shutdown(listen, async {
                 let _ = closed.await;
             }),
@@ -251,6 +273,33 @@ async fn serve<S: Store>(
     outcome
         .context("server task")?
         .with_context(|| format!("serve on {listen}"))
+}
+
+/// Serves `/metrics` on `--metrics-listen` (unless empty) until shutdown.
+fn spawn_metrics_endpoint<S: Store>(
+    args: &Args,
+    api: &Arc<api::ObjectsApi<S>>,
+    store: &Arc<metrics::MetricsStore>,
+    stop: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    if args.metrics_listen.is_empty() {
+        return Ok(());
+    }
+    let listen: SocketAddr = args
+        .metrics_listen
+        .parse()
+        .with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
+    let (api, store) = (Arc::clone(api), Arc::clone(store));
+    let mut stopped = stop.subscribe();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = metrics::exporter::serve(listen, api, store, shutdown).await {
+            tracing::error!(%listen, error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -29,6 +29,8 @@ mod flows;
 mod format;
 #[path = "weirctl/get.rs"]
 mod get;
+#[path = "weirctl/hpa.rs"]
+mod hpa;
 #[path = "weirctl/logs.rs"]
 mod logs;
 #[path = "weirctl/map.rs"]
@@ -45,6 +47,8 @@ mod resource;
 mod rollout;
 #[path = "weirctl/services.rs"]
 mod services;
+#[path = "weirctl/top.rs"]
+mod top;
 
 use std::time::Duration;
 
@@ -83,7 +87,8 @@ enum Cmd {
     },
     /// List objects as a table, or show some by name. Types: pods (po),
     /// deployments (deploy), replicasets (rs), daemonsets (ds), nodes (no),
-    /// namespaces (ns), events (ev), services (svc), endpointslices, and
+    /// namespaces (ns), events (ev), services (svc), endpointslices,
+    /// horizontalpodautoscalers (hpa), and
     /// `all` (pods, services, daemonsets, deployments, replicasets).
     /// `get deploy web api`, `get deploy/web`.
     Get {
@@ -177,6 +182,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Show the newest CPU and memory samples of nodes or pods (from the
+    /// agents, through weir-control's Metrics API).
+    Top {
+        #[command(subcommand)]
+        cmd: TopCmd,
+    },
     /// Set the replicas of a deployment or replicaset (read-modify-apply
     /// with the resource version read; retried on a conflict).
     Scale {
@@ -187,6 +198,10 @@ enum Cmd {
         #[arg(long)]
         replicas: i64,
     },
+    /// Create a HorizontalPodAutoscaler (named after the target) that
+    /// scales a deployment or replicaset between --min and --max replicas
+    /// on cpu utilization (--cpu-percent, default 80).
+    Autoscale(hpa::AutoscaleArgs),
     /// Follow, undo or list the rollouts of a deployment.
     Rollout {
         #[command(subcommand)]
@@ -224,6 +239,27 @@ enum Cmd {
         /// Give up after this long (e.g. 60s; 0: wait forever).
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopCmd {
+    /// CPU (millicores) and memory of every node, and their share of the
+    /// node's allocatable.
+    #[command(visible_aliases = ["node", "no"])]
+    Nodes,
+    /// CPU (millicores) and memory of the pods of a namespace.
+    #[command(visible_aliases = ["pod", "po"])]
+    Pods {
+        /// Every namespace (adds a NAMESPACE column).
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Label selector, e.g. `app=web`.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// One row per container.
+        #[arg(long)]
+        containers: bool,
     },
 }
 
@@ -393,10 +429,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Flows(a) => flows::run(&api, &a.options(cli.namespace)).await,
         Cmd::Map(a) => map::run(&server, ns, &a).await,
         Cmd::Policy { cmd } => policy_cmd(&api, ns, cmd).await,
+        Cmd::Top { cmd } => top_cmd(&api, &server, ns, cmd).await,
         Cmd::Scale { target, replicas } => {
             let (r, name) = one_target(&target, "scale")?;
             rollout::scale(&api, r, ns, &name, replicas).await
         }
+        Cmd::Autoscale(a) => hpa::autoscale(&api, ns, &a).await,
         Cmd::Rollout { cmd } => rollout_cmd(&api, ns, cmd).await,
         Cmd::Cordon { node } => node::cordon(&api, &node, true).await,
         Cmd::Uncordon { node } => node::cordon(&api, &node, false).await,
@@ -429,6 +467,25 @@ async fn policy_cmd(api: &Api, ns: &str, cmd: PolicyCmd) -> anyhow::Result<()> {
                 // Denied: the trace says so; exit 1.
                 Err(Reported.into())
             }
+        }
+    }
+}
+
+async fn top_cmd(api: &Api, server: &str, ns: &str, cmd: TopCmd) -> anyhow::Result<()> {
+    match cmd {
+        TopCmd::Nodes => top::nodes(api, server).await,
+        TopCmd::Pods {
+            all_namespaces,
+            selector,
+            containers,
+        } => {
+            let o = top::PodOptions {
+                namespace: ns.to_owned(),
+                all_namespaces,
+                selector,
+                containers,
+            };
+            top::pods(server, &o).await
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod endpoints;
 #[cfg(test)]
 mod endpoints_tests;
 pub mod gc;
+pub mod hpa;
 pub mod meta;
 pub mod node_lifecycle;
 mod pods;
@@ -53,6 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::{broadcast, watch};
@@ -63,6 +65,7 @@ use self::client::Client;
 pub use self::client::Error;
 use self::queue::WorkQueue;
 use crate::api::{Kind, ObjectsApi};
+use crate::metrics::MetricsStore;
 use crate::store::Store;
 
 /// Controller settings (weir-control flags).
@@ -84,6 +87,13 @@ pub struct Config {
     /// How long a security identity no pod carries any more is kept
     /// before the garbage collector releases it.
     pub identity_grace: Duration,
+    /// The agents' samples the autoscaler reads (`None`: an empty store,
+    /// so autoscalers report missing metrics).
+    pub metrics: Option<Arc<MetricsStore>>,
+    /// Zero: autoscalers react to every metrics report (with a 15 s
+    /// resync); otherwise they are synced at this period only, as
+    /// Kubernetes' `--horizontal-pod-autoscaler-sync-period`.
+    pub hpa_sync_period: Duration,
 }
 
 impl Default for Config {
@@ -95,6 +105,8 @@ impl Default for Config {
             event_ttl: Duration::from_hours(1),
             gc_period: Duration::from_mins(1),
             identity_grace: Duration::from_mins(5),
+            metrics: None,
+            hpa_sync_period: Duration::ZERO,
         }
     }
 }
@@ -155,6 +167,8 @@ pub(crate) struct Ctx<S> {
     nodes: Arc<Cache<Node>>,
     services: Arc<Cache<Service>>,
     endpoint_slices: Arc<Cache<EndpointSlice>>,
+    hpas: Arc<Cache<HorizontalPodAutoscaler>>,
+    metrics: Arc<MetricsStore>,
     config: Config,
 }
 
@@ -172,6 +186,8 @@ impl<S: Store> Ctx<S> {
             nodes: Cache::new(Kind::Node, Vec::new()),
             services: Cache::new(Kind::Service, Vec::new()),
             endpoint_slices: Cache::new(Kind::EndpointSlice, Vec::new()),
+            hpas: Cache::new(Kind::HorizontalPodAutoscaler, Vec::new()),
+            metrics: config.metrics.clone().unwrap_or_else(MetricsStore::new),
             config,
         })
     }
@@ -184,6 +200,7 @@ impl<S: Store> Ctx<S> {
         self.nodes.wait_synced().await;
         self.services.wait_synced().await;
         self.endpoint_slices.wait_synced().await;
+        self.hpas.wait_synced().await;
     }
 }
 
@@ -212,6 +229,7 @@ pub async fn run<S: Store>(
         tokio::spawn(Arc::clone(&ctx.nodes).run(Arc::clone(&api), shutdown.clone())),
         tokio::spawn(Arc::clone(&ctx.services).run(Arc::clone(&api), shutdown.clone())),
         tokio::spawn(Arc::clone(&ctx.endpoint_slices).run(Arc::clone(&api), shutdown.clone())),
+        tokio::spawn(Arc::clone(&ctx.hpas).run(Arc::clone(&api), shutdown.clone())),
     ];
     tokio::select! {
         () = ctx.wait_synced() => {}
@@ -225,6 +243,7 @@ pub async fn run<S: Store>(
         tasks.extend(node_lifecycle::start(&ctx, &shutdown));
         tasks.extend(gc::start(&ctx, &shutdown));
         tasks.extend(endpoints::start(&ctx, &shutdown));
+        tasks.extend(hpa::start(&ctx, &shutdown));
     }
     for task in tasks {
         if let Err(e) = task.await {

@@ -556,7 +556,7 @@ pub(super) static EVENT: LazyLock<Table> = LazyLock::new(|| {
 });
 
 /// Every table, for the README and the consistency test.
-pub(super) fn all() -> [&'static Table; 9] {
+pub(super) fn all() -> [&'static Table; 10] {
     [
         &POD,
         &REPLICA_SET,
@@ -567,6 +567,7 @@ pub(super) fn all() -> [&'static Table; 9] {
         &super::service_fields::SERVICE,
         &super::service_fields::ENDPOINT_SLICE,
         &super::netpol_fields::NETWORK_POLICY,
+        &super::hpa::HORIZONTAL_POD_AUTOSCALER,
     ]
 }
 

@@ -101,6 +101,7 @@ async fn describe(api: &Api, r: Resource, v: &Value, events: &[Value]) -> anyhow
             crate::services::describe_endpoint_slice(&mut d, v);
         }
         Resource::NetworkPolicy => crate::netpol::describe_network_policy(&mut d, v),
+        Resource::HorizontalPodAutoscaler => crate::hpa::describe_hpa(&mut d, v),
     }
     if !matches!(r, Resource::Event | Resource::NetworkPolicy) {
         events_section(&mut d, events, crate::format::now());

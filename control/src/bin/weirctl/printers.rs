@@ -80,6 +80,18 @@ pub fn header(r: Resource, o: &Options) -> Vec<&'static str> {
         ),
         Resource::EndpointSlice => (&["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], &[]),
         Resource::NetworkPolicy => (&["NAME", "POD-SELECTOR", "AGE"], &[]),
+        Resource::HorizontalPodAutoscaler => (
+            &[
+                "NAME",
+                "REFERENCE",
+                "TARGETS",
+                "MINPODS",
+                "MAXPODS",
+                "REPLICAS",
+                "AGE",
+            ],
+            &[],
+        ),
     };
     h.extend_from_slice(base);
     if o.wide {
@@ -191,6 +203,10 @@ pub fn row(r: Resource, v: &Value, o: &Options) -> Vec<String> {
         }
         Resource::NetworkPolicy => {
             cells.extend([name, selector_text(&v["spec"]["podSelector"]), created]);
+        }
+        Resource::HorizontalPodAutoscaler => {
+            cells.push(name);
+            cells.extend(crate::hpa::hpa_cells(v, created));
         }
     }
     cells

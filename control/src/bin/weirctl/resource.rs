@@ -17,6 +17,7 @@ pub enum Resource {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    HorizontalPodAutoscaler,
 }
 
 impl Resource {
@@ -36,6 +37,9 @@ impl Resource {
             "svc" | "service" | "services" => Self::Service,
             "endpointslice" | "endpointslices" => Self::EndpointSlice,
             "netpol" | "networkpolicy" | "networkpolicies" => Self::NetworkPolicy,
+            "hpa" | "horizontalpodautoscaler" | "horizontalpodautoscalers" => {
+                Self::HorizontalPodAutoscaler
+            }
             _ => bail!("the server doesn't have a resource type \"{arg}\""),
         })
     }
@@ -53,6 +57,7 @@ impl Resource {
             "Service" => Self::Service,
             "EndpointSlice" => Self::EndpointSlice,
             "NetworkPolicy" => Self::NetworkPolicy,
+            "HorizontalPodAutoscaler" => Self::HorizontalPodAutoscaler,
             _ => return None,
         })
     }
@@ -70,6 +75,7 @@ impl Resource {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
         }
     }
 
@@ -79,6 +85,7 @@ impl Resource {
             Self::Deployment | Self::ReplicaSet | Self::DaemonSet => "apps/v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
             Self::NetworkPolicy => "networking.k8s.io/v1",
+            Self::HorizontalPodAutoscaler => "autoscaling/v2",
             Self::Pod | Self::Node | Self::Namespace | Self::Event | Self::Service => "v1",
         }
     }
@@ -96,6 +103,7 @@ impl Resource {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
             Self::NetworkPolicy => "networkpolicies",
+            Self::HorizontalPodAutoscaler => "horizontalpodautoscalers",
         }
     }
 
@@ -112,6 +120,7 @@ impl Resource {
             Self::Service => "service",
             Self::EndpointSlice => "endpointslice.discovery.k8s.io",
             Self::NetworkPolicy => "networkpolicy.networking.k8s.io",
+            Self::HorizontalPodAutoscaler => "horizontalpodautoscaler.autoscaling",
         }
     }
 
@@ -188,6 +197,11 @@ mod tests {
             ("networkpolicy", Resource::NetworkPolicy),
             ("NetworkPolicies", Resource::NetworkPolicy),
             ("networkpolicies.networking.k8s.io", Resource::NetworkPolicy),
+            ("hpa", Resource::HorizontalPodAutoscaler),
+            (
+                "horizontalpodautoscalers.autoscaling",
+                Resource::HorizontalPodAutoscaler,
+            ),
         ] {
             assert_eq!(Resource::parse(arg).expect(arg), r);
         }
