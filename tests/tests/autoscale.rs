@@ -28,24 +28,24 @@ use weir_tests::api::{Api, condition_status, ready_addresses};
 use weir_tests::{ControlCluster, http_get_in, wait_for};
 
 const TAG: &str = "as";
-const SUBNET: u8 = 70;
+const SUBNET: u8 = 44;
 /// Short heartbeats, so nodes are Ready soon.
 const CONTROL_ARGS: &[&str] = &["--heartbeat-interval", "1s"];
 /// How long pods may take to be scheduled, started and reported Ready.
 const START: Duration = Duration::from_secs(90);
 /// How long a load step may take to bring a new replica into the endpoints.
-const SCALE_UP: Duration = Duration::from_secs(60);
+const SCALE_UP: Duration = Duration::from_mins(1);
 /// The HPAs' scale-down stabilization window.
 const DOWN_WINDOW_S: u64 = 10;
 /// The longest a load runs (every load loop is bounded in time and count).
 const LOAD_LIMIT: Duration = Duration::from_secs(150);
 
 /// A Deployment of busybox httpd pods named `name`: `/` answers the pod
-/// name, `/cgi-bin/burn` burns about 50 ms of CPU and answers the pod
-/// name. Readiness probe every second, 100m CPU requested.
+/// name, `/cgi-bin/burn` burns about 50 ms of CPU.
+/// Readiness probe every second, 100m CPU requested.
 fn deployment(name: &str) -> Value {
     let script = "#!/bin/sh\ni=0; while [ $i -lt 20000 ]; do i=$((i+1)); done\n\
-        echo Content-Type: text/plain; echo; hostname\n";
+        echo Content-Type: text/plain; echo; echo burnt\n";
     let setup = format!(
         "mkdir -p /srv/cgi-bin && hostname > /srv/index.html && \
          printf '%s' '{script}' > /srv/cgi-bin/burn && chmod +x /srv/cgi-bin/burn && \
@@ -83,7 +83,8 @@ fn hpa(name: &str, metric: &Value) -> Value {
 
 /// A bounded request loop from a node's netns to `vip:80/<path>`: one
 /// request every `every` (each on a new connection) until stopped, until
-/// [`LOAD_LIMIT`] or `max` requests. Remembers which pods answered.
+/// [`LOAD_LIMIT`] or `max` requests. Every fourth request also asks `/`,
+/// to remember which pods answered.
 struct Load {
     stop: Arc<AtomicBool>,
     answered: Arc<Mutex<Vec<String>>>,
@@ -106,10 +107,14 @@ impl Load {
                     std::thread::sleep(wait);
                 }
                 let addr = SocketAddr::from((vip, 80));
-                if let Ok((200, body)) = http_get_in(&netns, addr, &path, Duration::from_secs(2)) {
-                    if let Ok(mut a) = a.lock() {
-                        a.push(body.trim().to_owned());
-                    }
+                let _ = http_get_in(&netns, addr, &path, Duration::from_secs(2));
+                // Every fourth time, also ask `/` (the pod's name): who
+                // answers through the Service now.
+                if i % 4 == 0
+                    && let Ok((200, body)) = http_get_in(&netns, addr, "/", Duration::from_secs(2))
+                    && let Ok(mut a) = a.lock()
+                {
+                    a.push(body.trim().to_owned());
                 }
             }
         });
@@ -178,6 +183,7 @@ fn reversals(series: &[i64]) -> usize {
 /// One autoscaling case: Deployment + Service + HPA `name` on `metric`,
 /// a load step of one request per `every` to `path`, scale up, steady,
 /// stop, scale down.
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn case(
     c: &ControlCluster,
     api: &Api,
@@ -227,10 +233,10 @@ fn case(
         &format!("{name}: a second Ready pod in the endpoints"),
         SCALE_UP,
         || {
-            if let Some(r) = replicas(api, name) {
-                if series.last() != Some(&r) {
-                    series.push(r);
-                }
+            if let Some(r) = replicas(api, name)
+                && series.last() != Some(&r)
+            {
+                series.push(r);
             }
             let ready = ready_pods(api, name);
             let slice = api.get("EndpointSlice", "default", name)?;
@@ -261,10 +267,10 @@ fn case(
     .with_context(|| format!("answered by {:?}, new {new:?}", load.answered_by()))?;
     let steady = Instant::now();
     while steady.elapsed() < Duration::from_secs(10) {
-        if let Some(r) = replicas(api, name) {
-            if series.last() != Some(&r) {
-                series.push(r);
-            }
+        if let Some(r) = replicas(api, name)
+            && series.last() != Some(&r)
+        {
+            series.push(r);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
