@@ -823,19 +823,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.spawn(async {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("lb-programming: interrupted; cleaning up");
-        STOP.store(true, Ordering::Relaxed);
-    });
+    weir_tests::stop_on_signal("lb-programming", &STOP);
     let cluster = ControlCluster::new(TAG, SUBNET, 2, &[])?;
     let client = {
         let _g = rt.enter();

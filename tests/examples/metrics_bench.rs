@@ -507,24 +507,7 @@ fn requests(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            eprintln!("metrics-bench: interrupted; cleaning up");
-            STOP.store(true, Ordering::Relaxed);
-        });
-    });
+    weir_tests::stop_on_signal("metrics-bench", &STOP);
     let mut c = Cluster::new(TAG, SUBNET, 1)?;
     let r = run(c.node(0), &args);
     let log = weir_tests::tail(&c.node(0).agent_log_text(), 30);

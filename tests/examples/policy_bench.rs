@@ -1255,24 +1255,7 @@ fn run(env: &Env, args: &Args) -> anyhow::Result<Value> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            eprintln!("policy-bench: interrupted; cleaning up");
-            STOP.store(true, Ordering::Relaxed);
-        });
-    });
+    weir_tests::stop_on_signal("policy-bench", &STOP);
     let env = setup()?;
     match run(&env, &args) {
         Ok(v) => {

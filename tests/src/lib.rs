@@ -20,6 +20,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod api;
+pub mod autoscale;
 pub mod etcd;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1280,6 +1281,33 @@ spec:
     - containerPort: {port}
 "#
     )
+}
+
+/// Sets `flag` on the first SIGINT or SIGTERM (saying so on stderr as
+/// `what`), from a thread of its own: the benchmark examples' loops check
+/// it and their guards clean up.
+pub fn stop_on_signal(what: &'static str, flag: &'static std::sync::atomic::AtomicBool) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("{what}: interrupted; cleaning up");
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    });
 }
 
 #[cfg(test)]

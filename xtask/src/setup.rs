@@ -116,5 +116,22 @@ pub fn setup() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
+    ensure_bpffs()
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there, as systemd
+/// does at boot on most distributions (some VMs boot without it). The
+/// agent does the same for itself; tests that pin before any agent ran
+/// need it first.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(1) == Some("/sys/fs/bpf") && f.next() == Some("bpf")
+    });
+    if !mounted {
+        eprintln!("xtask setup: mounting bpffs at /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
     Ok(())
 }

@@ -14,18 +14,11 @@
 //! its JSON line. `cargo xtask bench lb` measures `iptables-restore` of the
 //! same table (kube-proxy's programming step), to put beside these figures.
 
-use std::{
-    io::Read as _,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use super::util::signal;
+use super::example::{Example, all_met, num};
 
 /// Target: a single change's p99, store → maps, ms.
 const CHANGE_P99_MS: f64 = 50.0;
@@ -33,113 +26,28 @@ const CHANGE_P99_MS: f64 = 50.0;
 const RESYNC_MS: f64 = 2000.0;
 /// Bound on the whole run (the example bounds each of its phases too).
 const LIMIT: Duration = Duration::from_hours(1);
-/// How long the example gets to clean up after SIGTERM.
-const CLEANUP: Duration = Duration::from_mins(2);
-
-/// The example process; sent SIGTERM (so it cleans up) if still running
-/// when dropped, SIGKILL if it does not end within [`CLEANUP`].
-struct Example(Option<Child>);
-
-impl Example {
-    /// Waits up to `limit` for it to exit on its own.
-    fn wait(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let child = self.0.as_mut().context("example already reaped")?;
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.0 = None;
-                return Ok(status);
-            }
-            if t0.elapsed() > limit {
-                bail!("lb_programming ran over {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else {
-            return;
-        };
-        signal(child.id(), Signal::SIGTERM);
-        let t0 = Instant::now();
-        while t0.elapsed() < CLEANUP {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
 
 /// Builds the binaries and the example (release unless `dev`), runs it
 /// with `services` services and `changes` single changes, and returns its
 /// figures (the example's JSON line).
 pub(crate) fn run_e2e(services: usize, changes: usize, dev: bool) -> anyhow::Result<Value> {
-    let release: &[&str] = if dev { &[] } else { &["--release"] };
-    let build = |extra: &[&str]| {
-        let mut args = vec!["build"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(release);
-        crate::cargo(&args)
+    let example = Example {
+        name: "lb_programming",
+        dev,
+        control: true,
+        args: vec![
+            "--services".into(),
+            services.to_string(),
+            "--changes".into(),
+            changes.to_string(),
+        ],
+        limit: LIMIT,
     };
-    build(&["-p", "weir-agent", "-p", "weir-control"])?;
-    build(&["-p", "weir-tests", "--example", "lb_programming"])?;
-    crate::image::build_busybox_image(&crate::image::default_out_dir())?;
-    let dir: PathBuf =
-        crate::workspace_root()
-            .join("target")
-            .join(if dev { "debug" } else { "release" });
     eprintln!(
         "bench lb-programming: {services} services, {changes} changes ({} build)",
-        if dev { "dev" } else { "release" }
+        example.profile()
     );
-    let child = Command::new(dir.join("examples/lb_programming"))
-        .args(["--services", &services.to_string()])
-        .args(["--changes", &changes.to_string()])
-        .env("WEIR_AGENT_BIN", dir.join("weir-agent"))
-        .env("WEIR_CONTROL_BIN", dir.join("weir-control"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("run the lb_programming example")?;
-    let mut example = Example(Some(child));
-    let stdout = example
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("example stdout")?;
-    // The example prints one line at its end: read it on a thread so the
-    // wait below stays bounded.
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let mut stdout = stdout;
-        stdout.read_to_string(&mut out).map(|_| out)
-    });
-    let status = example.wait(LIMIT)?;
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?
-        .context("read the example's stdout")?;
-    if !status.success() {
-        bail!("lb_programming failed ({status}); its log is above");
-    }
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("lb_programming printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("parse lb_programming output {line:?}"))
-}
-
-fn num(v: &Value, pointer: &str) -> f64 {
-    v.pointer(pointer)
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::INFINITY)
+    example.run()
 }
 
 /// The `BENCH` line's fields for the figures of [`run_e2e`]: targets,
@@ -156,9 +64,7 @@ pub(crate) fn judge(figures: &Value) -> Value {
         "restart_resync_le_2s": restart <= RESYNC_MS,
         "restart_without_flush": !flushed,
     });
-    let all = met
-        .as_object()
-        .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
+    let all = all_met(&met);
     json!({
         "ratio": {
             "change_p99_over_target": ((change_p99 / CHANGE_P99_MS) * 1000.0).round() / 1000.0,

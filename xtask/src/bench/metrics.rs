@@ -5,17 +5,13 @@
 //! tracepoint's cost in pod-to-pod requests/s (attached vs detached,
 //! paired reps, same run).
 
-use std::{
-    io::Read as _,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use nix::sys::signal::Signal;
+use anyhow::bail;
 use serde_json::{Value, json};
 
-use super::util::signal;
+use super::example::{Example, all_met, num};
+use super::util::round3 as r3;
 
 /// Target: agent CPU for 1 s sampling, % of one core.
 const CPU_PCT: f64 = 2.0;
@@ -23,8 +19,6 @@ const CPU_PCT: f64 = 2.0;
 const LOSS_PCT: f64 = 2.0;
 /// Bound on the whole run.
 const LIMIT: Duration = Duration::from_mins(40);
-/// How long the example gets to clean up after SIGTERM.
-const CLEANUP: Duration = Duration::from_mins(2);
 
 /// Options of `cargo xtask bench metrics`.
 #[derive(Debug, Clone)]
@@ -37,42 +31,24 @@ pub(crate) struct MetricsArgs {
     pub dev: bool,
 }
 
-/// The example process: SIGTERM (so it cleans up) if still running when
-/// dropped, SIGKILL if it does not end within [`CLEANUP`].
-struct Example(Option<Child>);
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else {
-            return;
-        };
-        signal(child.id(), Signal::SIGTERM);
-        let t0 = Instant::now();
-        while t0.elapsed() < CLEANUP {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 fn run_example(a: &MetricsArgs) -> anyhow::Result<Value> {
-    let profile: &[&str] = if a.dev { &[] } else { &["--release"] };
-    let build = |extra: &[&str]| {
-        let mut args = vec!["build"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(profile);
-        crate::cargo(&args)
+    let mut args = Vec::new();
+    for (k, v) in [
+        ("--pods", a.pods.to_string()),
+        ("--idle-secs", a.idle_secs.to_string()),
+        ("--cpu-reps", a.cpu_reps.to_string()),
+        ("--reps", a.reps.to_string()),
+        ("--secs", a.secs.to_string()),
+    ] {
+        args.extend([k.to_owned(), v]);
+    }
+    let example = Example {
+        name: "metrics_bench",
+        dev: a.dev,
+        control: false,
+        args,
+        limit: LIMIT,
     };
-    build(&["-p", "weir-agent"])?;
-    build(&["-p", "weir-tests", "--example", "metrics_bench"])?;
-    crate::image::build_busybox_image(&crate::image::default_out_dir())?;
-    let dir = crate::workspace_root()
-        .join("target")
-        .join(if a.dev { "debug" } else { "release" });
     eprintln!(
         "bench metrics: {} pods, {} × 2 idle windows of {} s, {} paired wrk reps × {} s ({} build)",
         a.pods,
@@ -80,64 +56,9 @@ fn run_example(a: &MetricsArgs) -> anyhow::Result<Value> {
         a.idle_secs,
         a.reps,
         a.secs,
-        if a.dev { "dev" } else { "release" }
+        example.profile()
     );
-    let child = Command::new(dir.join("examples/metrics_bench"))
-        .args(["--pods", &a.pods.to_string()])
-        .args(["--idle-secs", &a.idle_secs.to_string()])
-        .args(["--cpu-reps", &a.cpu_reps.to_string()])
-        .args(["--reps", &a.reps.to_string()])
-        .args(["--secs", &a.secs.to_string()])
-        .env("WEIR_AGENT_BIN", dir.join("weir-agent"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("run the metrics_bench example")?;
-    let mut example = Example(Some(child));
-    let mut stdout = example
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("example stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).map(|_| out)
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        let child = example.0.as_mut().context("example already reaped")?;
-        if let Some(s) = child.try_wait()? {
-            example.0 = None;
-            break s;
-        }
-        if t0.elapsed() > LIMIT {
-            bail!("metrics_bench ran over {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?
-        .context("read the example's stdout")?;
-    if !status.success() {
-        bail!("metrics_bench failed ({status}); its log is above");
-    }
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("metrics_bench printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("parse metrics_bench output {line:?}"))
-}
-
-fn num(v: &Value, pointer: &str) -> f64 {
-    v.pointer(pointer)
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::INFINITY)
-}
-
-fn r3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+    example.run()
 }
 
 /// Ratios (figure / target: ≤ 1 meets it) and whether each target is met.
@@ -148,9 +69,7 @@ pub(crate) fn judge(figures: &Value) -> Value {
         "agent_cpu_le_2pct_core": cpu <= CPU_PCT,
         "requests_loss_le_2pct": loss <= LOSS_PCT,
     });
-    let all = met
-        .as_object()
-        .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
+    let all = all_met(&met);
     json!({
         "ratio": {
             "agent_cpu_over_target": r3(cpu.max(0.0) / CPU_PCT),

@@ -5,9 +5,11 @@
 //! docs/benchmarks.md records the results.
 
 mod api;
+mod autoscale;
 mod baseline;
 mod density;
 mod env;
+mod example;
 mod lb;
 mod lb_programming;
 mod metrics;
@@ -139,6 +141,20 @@ enum Which {
         #[arg(long)]
         only: Option<String>,
     },
+    /// HPA reaction: a load step through a Service → a new replica Ready
+    /// and in the endpoints (real weir-control, 2 agents, busybox pods),
+    /// weir against Kubernetes' 15 s metric resolution and HPA sync.
+    Autoscale {
+        /// Repetitions with weir's settings.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Repetitions of the baseline (0 skips it).
+        #[arg(long, default_value_t = 8)]
+        baseline_reps: usize,
+        /// Build in the dev profile instead of release (shared machines).
+        #[arg(long)]
+        dev: bool,
+    },
     /// What metrics cost: agent CPU for 1 s sampling at 110 pods (on vs
     /// off) and the eBPF counters' cost in pod-to-pod requests/s (attached
     /// vs detached), same run.
@@ -205,33 +221,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             crate::setup::setup()?;
             return lb_programming::run(*services, *changes, *dev);
         }
-        Which::Policy {
-            peers,
-            reps,
-            prop_reps,
-            secs,
-            cpu_secs,
-            threads,
-            conns,
-            dev,
-            only,
-        } => {
-            ensure!((4..=20_000).contains(peers), "--peers must be 4..=20000");
-            ensure!(*reps >= 1 && *prop_reps >= 1, "reps must be at least 1");
-            crate::setup::setup()?;
-            return policy::run(&policy::PolicyArgs {
-                peers: *peers,
-                reps: *reps,
-                prop_reps: *prop_reps,
-                secs: *secs,
-                cpu_secs: *cpu_secs,
-                threads: *threads,
-                conns: *conns,
-                dev: *dev,
-                only: only.clone(),
-            });
-        }
+        Which::Policy { .. } => return policy::run_args(&args.bench),
         Which::Metrics { .. } => return metrics::run_args(&args.bench),
+        Which::Autoscale {
+            reps,
+            baseline_reps,
+            dev,
+        } => {
+            crate::setup::setup()?;
+            return autoscale::run(*reps, *baseline_reps, *dev);
+        }
     };
     ensure!(
         (1..=MAX_PODS).contains(&pods),
@@ -257,7 +256,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
         | Which::Policy { .. }
-        | Which::Metrics { .. } => {
+        | Which::Metrics { .. }
+        | Which::Autoscale { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
     }
@@ -277,7 +277,8 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
         | Which::Policy { .. }
-        | Which::Metrics { .. } => {
+        | Which::Metrics { .. }
+        | Which::Autoscale { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
     }

@@ -10,18 +10,12 @@
 //! cluster harness and reads the pinned maps with aya); this builds it with
 //! the binaries and collects its JSON line.
 
-use std::{
-    io::Read as _,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use super::util::signal;
+use super::example::{Example, all_met, num};
+use super::util::round3 as r3;
 
 /// Target: weir's loss (requests/s and new connections/s), %.
 const LOSS_PCT: f64 = 3.0;
@@ -31,8 +25,6 @@ const PROPAGATION_P99_MS: f64 = 100.0;
 const FLOW_CPU_PCT: f64 = 5.0;
 /// Bound on the whole run.
 const LIMIT: Duration = Duration::from_hours(1);
-/// How long the example gets to clean up after SIGTERM.
-const CLEANUP: Duration = Duration::from_mins(2);
 
 /// Options of `cargo xtask bench policy`.
 #[derive(Debug, Clone)]
@@ -49,122 +41,39 @@ pub(crate) struct PolicyArgs {
     pub only: Option<String>,
 }
 
-/// The example process; SIGTERM (so it cleans up) if still running when
-/// dropped, SIGKILL if it does not end within [`CLEANUP`].
-struct Example(Option<Child>);
-
-impl Example {
-    fn wait(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let child = self.0.as_mut().context("example already reaped")?;
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.0 = None;
-                return Ok(status);
-            }
-            if t0.elapsed() > limit {
-                bail!("policy_bench ran over {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else {
-            return;
-        };
-        signal(child.id(), Signal::SIGTERM);
-        let t0 = Instant::now();
-        while t0.elapsed() < CLEANUP {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 /// Builds the binaries and the example, runs it, returns its JSON line.
 fn run_example(a: &PolicyArgs) -> anyhow::Result<Value> {
-    let release: &[&str] = if a.dev { &[] } else { &["--release"] };
-    let build = |extra: &[&str]| {
-        let mut args = vec!["build"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(release);
-        crate::cargo(&args)
+    let mut args = Vec::new();
+    if let Some(only) = &a.only {
+        args.extend(["--only".to_owned(), only.clone()]);
+    }
+    for (k, v) in [
+        ("--peers", a.peers.to_string()),
+        ("--reps", a.reps.to_string()),
+        ("--prop-reps", a.prop_reps.to_string()),
+        ("--secs", a.secs.to_string()),
+        ("--cpu-secs", a.cpu_secs.to_string()),
+        ("--threads", a.threads.to_string()),
+        ("--conns", a.conns.to_string()),
+    ] {
+        args.extend([k.to_owned(), v]);
+    }
+    let example = Example {
+        name: "policy_bench",
+        dev: a.dev,
+        control: true,
+        args,
+        limit: LIMIT,
     };
-    build(&["-p", "weir-agent", "-p", "weir-control"])?;
-    build(&["-p", "weir-tests", "--example", "policy_bench"])?;
-    crate::image::build_busybox_image(&crate::image::default_out_dir())?;
-    let dir: PathBuf =
-        crate::workspace_root()
-            .join("target")
-            .join(if a.dev { "debug" } else { "release" });
     eprintln!(
         "bench policy: {} peers, {} reps × {} s, {} propagation reps ({} build)",
         a.peers,
         a.reps,
         a.secs,
         a.prop_reps,
-        if a.dev { "dev" } else { "release" }
+        example.profile()
     );
-    let mut cmd = Command::new(dir.join("examples/policy_bench"));
-    if let Some(only) = &a.only {
-        cmd.args(["--only", only]);
-    }
-    let child = cmd
-        .args(["--peers", &a.peers.to_string()])
-        .args(["--reps", &a.reps.to_string()])
-        .args(["--prop-reps", &a.prop_reps.to_string()])
-        .args(["--secs", &a.secs.to_string()])
-        .args(["--cpu-secs", &a.cpu_secs.to_string()])
-        .args(["--threads", &a.threads.to_string()])
-        .args(["--conns", &a.conns.to_string()])
-        .env("WEIR_AGENT_BIN", dir.join("weir-agent"))
-        .env("WEIR_CONTROL_BIN", dir.join("weir-control"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("run the policy_bench example")?;
-    let mut example = Example(Some(child));
-    let stdout = example
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("example stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let mut stdout = stdout;
-        stdout.read_to_string(&mut out).map(|_| out)
-    });
-    let status = example.wait(LIMIT)?;
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?
-        .context("read the example's stdout")?;
-    if !status.success() {
-        bail!("policy_bench failed ({status}); its log is above");
-    }
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("policy_bench printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("parse policy_bench output {line:?}"))
-}
-
-fn num(v: &Value, pointer: &str) -> f64 {
-    v.pointer(pointer)
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::INFINITY)
-}
-
-fn r3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+    example.run()
 }
 
 /// Targets, ratios (figure / target: ≤ 1 meets it) and whether each is met.
@@ -180,9 +89,7 @@ pub(crate) fn judge(figures: &Value) -> Value {
         "propagation_p99_le_100ms": prop <= PROPAGATION_P99_MS,
         "flow_export_le_5pct_core": flow <= FLOW_CPU_PCT,
     });
-    let all = met
-        .as_object()
-        .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
+    let all = all_met(&met);
     json!({
         "ratio": {
             "requests_loss_over_target": r3(ka.max(0.0) / LOSS_PCT),
@@ -199,6 +106,38 @@ pub(crate) fn judge(figures: &Value) -> Value {
         },
         "target_met_each": met,
         "target_met": all,
+    })
+}
+
+/// Checks `cargo xtask bench policy`'s options, then runs it.
+pub(super) fn run_args(which: &super::Which) -> anyhow::Result<()> {
+    let super::Which::Policy {
+        peers,
+        reps,
+        prop_reps,
+        secs,
+        cpu_secs,
+        threads,
+        conns,
+        dev,
+        ref only,
+    } = *which
+    else {
+        anyhow::bail!("internal: not the policy bench");
+    };
+    anyhow::ensure!((4..=20_000).contains(&peers), "--peers must be 4..=20000");
+    anyhow::ensure!(reps >= 1 && prop_reps >= 1, "reps must be at least 1");
+    crate::setup::setup()?;
+    run(&PolicyArgs {
+        peers,
+        reps,
+        prop_reps,
+        secs,
+        cpu_secs,
+        threads,
+        conns,
+        dev,
+        only: only.clone(),
     })
 }
 
