@@ -35,7 +35,7 @@ pub fn deployment(name: &str) -> Value {
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "web", "image": "busybox",
+                "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "web", "image": "busybox",
                     "command": ["sh", "-c", setup],
                     "ports": [{"name": "http", "containerPort": 80}],
                     "resources": {"requests": {"cpu": "100m", "memory": "16Mi"}},

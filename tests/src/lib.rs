@@ -809,6 +809,9 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it serves `/metrics` (`--metrics-listen`, a free port on the
+    /// same address unless the args name one).
+    pub metrics_addr: SocketAddr,
     /// Its redb file (or the `--store` given, e.g. `etcd://…`).
     pub store: PathBuf,
     log: PathBuf,
@@ -831,16 +834,30 @@ impl ControlPlane {
         args: &[&str],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .with_context(|| format!("find a free port on {ip}"))?
-            .port();
+        let free_port = || {
+            std::net::TcpListener::bind((ip, 0))
+                .and_then(|l| l.local_addr())
+                .with_context(|| format!("find a free port on {ip}"))
+                .map(|a| a.port())
+        };
+        let port = free_port()?;
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let metrics_addr = if let Some(i) = args.iter().position(|a| a == "--metrics-listen") {
+            args.get(i + 1)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| SocketAddr::from((ip, 0)))
+        } else {
+            let a = SocketAddr::from((ip, free_port()?));
+            args.extend(["--metrics-listen".to_owned(), a.to_string()]);
+            a
+        };
         let mut me = Self {
             child: None,
             addr: SocketAddr::from((ip, port)),
+            metrics_addr,
             store: store.map_or_else(|| dir.join("weir.redb"), PathBuf::from),
             log: dir.join("control.log"),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            args,
         };
         me.restart()?;
         Ok(me)

@@ -1,13 +1,14 @@
-//! Debian's real Prometheus scraping a weir node's agent every second, then
-//! answering `PromQL` about a pod: the rate of a pod burning CPU agrees with
-//! the agent's own per-second gauge, and the series carry the node,
-//! namespace and pod labels and their types. Needs root and the
-//! `prometheus` package (`cargo xtask setup`).
-//!
-//! TODO(lead): add the control's `/metrics` (`--metrics-listen`) as a second
-//! scrape job once it is on main.
+//! Debian's real Prometheus scraping a weir cluster every second — the
+//! node's agent and weir-control (`--metrics-listen`) — then answering
+//! `PromQL` about a pod: the rate of a pod burning CPU agrees with the
+//! agent's own per-second gauge, the series carry the node, namespace and
+//! pod labels and their types, and the control's series count the pod and
+//! the node's metric reports. The same pod read back through the control's
+//! gRPC Metrics service (`weirctl top pods|nodes`) burns about a core.
+//! Needs root and the `prometheus` package (`cargo xtask setup`).
 
 use std::{
+    fmt::Write as _,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -16,7 +17,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use weir_tests::{Cluster, http_get, wait_for};
+use weir_tests::api::Api;
+use weir_tests::{ControlCluster, http_get, wait_for};
 
 const START: Duration = Duration::from_mins(1);
 
@@ -41,16 +43,21 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `targets` (job `weir-agent`) every second.
-    fn start(tag: &str, targets: &[SocketAddr]) -> anyhow::Result<Self> {
+    /// Starts Prometheus scraping every second each `(job, targets)`.
+    fn start(tag: &str, jobs: &[(&str, &[SocketAddr])]) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("weir-prom-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n- job_name: weir-agent\n  static_configs:\n  - targets: [{}]\n",
-            list.join(", ")
-        );
+        let mut config =
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n".to_owned();
+        for (job, targets) in jobs {
+            let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+            let _ = write!(
+                config,
+                "- job_name: {job}\n  static_configs:\n  - targets: [{}]\n",
+                list.join(", ")
+            );
+        }
         std::fs::write(dir.join("prometheus.yml"), config)?;
         // A free loopback port.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -133,22 +140,53 @@ fn agent_gauge(metrics: &str, name: &str, pod: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn prometheus_scrapes_the_agent_and_answers_promql_about_a_pod() -> anyhow::Result<()> {
-    let mut cluster = Cluster::new("mp", 62, 1)?;
-    let n = cluster.node(0);
-    n.start_agent()?;
-    n.apply("burn.yaml", BURN)?;
-    n.wait_running("burn", START)?;
-    let prom = Prometheus::start("mp", &[n.api()])?;
+/// `up` of `job`'s first target is 1.
+fn target_up(prom: &Prometheus, job: &str) -> anyhow::Result<f64> {
+    wait_for(
+        &format!("the {job} target up"),
+        Duration::from_secs(30),
+        || {
+            prom.query(&format!("up{{job=\"{job}\"}}"))
+                .ok()
+                .and_then(|r| r.first().and_then(sample_value))
+                .filter(|v| (*v - 1.0).abs() < f64::EPSILON)
+        },
+    )
+    .with_context(|| prom.log())
+}
 
-    wait_for("the agent's target up", Duration::from_secs(30), || {
-        prom.query("up{job=\"weir-agent\"}")
-            .ok()
-            .and_then(|r| r.first().and_then(sample_value))
-            .filter(|v| (*v - 1.0).abs() < f64::EPSILON)
-    })
-    .with_context(|| prom.log())?;
+/// The CPU column (millicores) of `name`'s row in a `weirctl top` table.
+fn top_millicores(table: &str, name: &str) -> Option<f64> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w == name))?
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix('m')?.parse().ok())
+}
+
+#[test]
+fn prometheus_scrapes_agent_and_control_and_answers_promql_about_a_pod() -> anyhow::Result<()> {
+    let mut c = ControlCluster::new("mp", 62, 1, &["--heartbeat-interval", "1s"])?;
+    c.start_agents()?;
+    let r = scrape_and_query(&c);
+    r.map_err(|e| e.context(c.log_tails(30)))
+}
+
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn scrape_and_query(c: &ControlCluster) -> anyhow::Result<()> {
+    let api = Api::connect(&c.control.url())?;
+    c.weirctl_apply(BURN)?;
+    api.wait_running("burn", START)?;
+    let n = c.cluster.nodes.first().context("a node")?;
+    let prom = Prometheus::start(
+        "mp",
+        &[
+            ("weir-agent", &[n.api()]),
+            ("weir-control", &[c.control.metrics_addr]),
+        ],
+    )?;
+    target_up(&prom, "weir-agent")?;
+    target_up(&prom, "weir-control")?;
 
     let rate_q = "rate(weir_pod_cpu_usage_seconds_total{pod=\"burn\"}[5s])";
     let result = wait_for("a CPU rate for burn", Duration::from_secs(30), || {
@@ -217,6 +255,42 @@ fn prometheus_scrapes_the_agent_and_answers_promql_about_a_pod() -> anyhow::Resu
     ensure!(
         sum.first().and_then(sample_value).is_some_and(|v| v > 0.0),
         "memory working set summed by node: {sum:?}"
+    );
+
+    // The control's series: the pod is stored, and the node's agent
+    // reports its samples (about one a second).
+    let pods = prom.query("weir_control_objects{kind=\"Pod\"}")?;
+    ensure!(
+        pods.first().and_then(sample_value) == Some(1.0),
+        "weir_control_objects{{kind=\"Pod\"}}: {pods:?}"
+    );
+    let reports_q = format!(
+        "rate(weir_control_metrics_reports_total{{node=\"{}\"}}[5s])",
+        n.name
+    );
+    let reports = prom.query(&reports_q)?;
+    ensure!(
+        reports
+            .first()
+            .and_then(sample_value)
+            .is_some_and(|v| (0.5..=2.0).contains(&v)),
+        "{reports_q}: {reports:?}"
+    );
+
+    // The same pod through the control's gRPC Metrics service.
+    let top = c.weirctl(&["top", "pods"])?;
+    let milli =
+        top_millicores(&top, "burn").with_context(|| format!("weirctl top pods:\n{top}"))?;
+    ensure!(
+        (500.0..=1300.0).contains(&milli),
+        "burn uses about a core: {milli}m\n{top}"
+    );
+    let nodes = c.weirctl(&["top", "nodes"])?;
+    let node_milli =
+        top_millicores(&nodes, &n.name).with_context(|| format!("weirctl top nodes:\n{nodes}"))?;
+    ensure!(
+        node_milli >= milli * 0.8,
+        "the node's CPU {node_milli}m holds the pod's {milli}m\n{nodes}"
     );
     Ok(())
 }

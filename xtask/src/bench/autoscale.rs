@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::example::{Example, all_met, num};
+use super::example::{Example, all_met, num, print_bench};
 use super::util::round3;
 
 /// Target: load step → new replica Ready and in the endpoints, p50, ms.
@@ -71,12 +71,8 @@ pub(crate) fn run(reps: usize, baseline_reps: usize, dev: bool) -> anyhow::Resul
             "figures": figures["baseline"],
         },
         "load": figures["load"],
-        "ratio": judged["ratio"],
-        "target": judged["target"],
-        "target_met_each": judged["target_met_each"],
-        "target_met": judged["target_met"],
     });
-    println!("BENCH {line}");
+    print_bench(line, &judged);
     Ok(())
 }
 

@@ -151,3 +151,12 @@ pub(crate) fn all_met(met: &Value) -> bool {
     met.as_object()
         .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)))
 }
+
+/// Prints the `BENCH` line: `line`'s fields followed by the judged ones
+/// (`ratio`, `target`, `target_met_each`, `target_met`).
+pub(crate) fn print_bench(mut line: Value, judged: &Value) {
+    for k in ["ratio", "target", "target_met_each", "target_met"] {
+        line[k] = judged[k].clone();
+    }
+    println!("BENCH {line}");
+}

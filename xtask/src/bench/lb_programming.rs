@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::example::{Example, all_met, num};
+use super::example::{Example, all_met, num, print_bench};
 
 /// Target: a single change's p99, store → maps, ms.
 const CHANGE_P99_MS: f64 = 50.0;
@@ -96,12 +96,8 @@ pub(crate) fn run(services: usize, changes: usize, dev: bool) -> anyhow::Result<
             "where": "cargo xtask bench lb: baselines.kube_proxy_iptables_restore (same table, 10k services × 4 endpoints)",
             "published": "kube-proxy (iptables mode) programming latency 5–27 s p50 at 5,000 nodes",
         },
-        "ratio": judged["ratio"],
-        "target": judged["target"],
-        "target_met_each": judged["target_met_each"],
-        "target_met": judged["target_met"],
     });
-    println!("BENCH {line}");
+    print_bench(line, &judged);
     Ok(())
 }
 

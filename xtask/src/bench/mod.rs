@@ -111,36 +111,7 @@ enum Which {
     /// `NetworkPolicy` end to end (3 nodes): propagation apply → enforced,
     /// throughput with a 1,000-peer policy vs none (and iptables + ipset vs
     /// none in the same run), flow-record CPU at the top connection rate.
-    Policy {
-        /// Ingress peers of the policy (half ipBlock /32s, half selectors).
-        #[arg(long, default_value_t = 1000)]
-        peers: usize,
-        /// Paired repetitions of the throughput and flow measurements.
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// Propagation repetitions.
-        #[arg(long, default_value_t = 50)]
-        prop_reps: usize,
-        /// Seconds per wrk run (throughput).
-        #[arg(long, default_value_t = 5)]
-        secs: u32,
-        /// Seconds per wrk run (flow export CPU).
-        #[arg(long, default_value_t = 10)]
-        cpu_secs: u32,
-        /// wrk threads.
-        #[arg(long, default_value_t = 2)]
-        threads: u32,
-        /// wrk connections.
-        #[arg(long, default_value_t = 16)]
-        conns: u32,
-        /// Build in the dev profile instead of release (shared machines).
-        #[arg(long)]
-        dev: bool,
-        /// Run only these parts (comma-separated: propagation, throughput,
-        /// flows); the targets of the others are reported as not met.
-        #[arg(long)]
-        only: Option<String>,
-    },
+    Policy(policy::PolicyArgs),
     /// HPA reaction: a load step through a Service → a new replica Ready
     /// and in the endpoints (real weir-control, 2 agents, busybox pods),
     /// weir against Kubernetes' 15 s metric resolution and HPA sync.
@@ -158,26 +129,7 @@ enum Which {
     /// What metrics cost: agent CPU for 1 s sampling at 110 pods (on vs
     /// off) and the eBPF counters' cost in pod-to-pod requests/s (attached
     /// vs detached), same run.
-    Metrics {
-        /// Pods on the node.
-        #[arg(long, default_value_t = 110)]
-        pods: usize,
-        /// Length of each idle CPU window, in seconds.
-        #[arg(long, default_value_t = 30)]
-        idle_secs: u64,
-        /// CPU window pairs (on, off).
-        #[arg(long, default_value_t = 2)]
-        cpu_reps: usize,
-        /// Paired wrk repetitions.
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// Seconds per wrk run.
-        #[arg(long, default_value_t = 5)]
-        secs: u32,
-        /// Build in the dev profile instead of release (shared machines).
-        #[arg(long)]
-        dev: bool,
-    },
+    Metrics(metrics::MetricsArgs),
 }
 
 /// Most pods a node's /24 holds (.2-.254).
@@ -221,8 +173,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             crate::setup::setup()?;
             return lb_programming::run(*services, *changes, *dev);
         }
-        Which::Policy { .. } => return policy::run_args(&args.bench),
-        Which::Metrics { .. } => return metrics::run_args(&args.bench),
+        Which::Policy(a) => return policy::run_args(a),
+        Which::Metrics(a) => return metrics::run_args(a),
         Which::Autoscale {
             reps,
             baseline_reps,
@@ -255,8 +207,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         | Which::ControlRss
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
-        | Which::Policy { .. }
-        | Which::Metrics { .. }
+        | Which::Policy(_)
+        | Which::Metrics(_)
         | Which::Autoscale { .. } => {
             anyhow::bail!("internal: control benches are dispatched above")
         }
@@ -276,8 +228,8 @@ fn run_control(which: &Which) -> anyhow::Result<()> {
         | Which::Scheduler { .. }
         | Which::Lb { .. }
         | Which::LbProgramming { .. }
-        | Which::Policy { .. }
-        | Which::Metrics { .. }
+        | Which::Policy(_)
+        | Which::Metrics(_)
         | Which::Autoscale { .. } => {
             anyhow::bail!("internal: not a weir-control bench")
         }
