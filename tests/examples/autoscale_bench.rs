@@ -8,7 +8,8 @@
 //! metric to read idle; an HPA on `weir_pod_new_connections_per_second`
 //! (`AverageValue` 8, 1..=3 replicas) is applied and reports
 //! `ScalingActive`; after a random wait within one metric period (so the
-//! step falls at any phase of the sampling and sync ticks) a load step of
+//! step falls at any phase of the sampling and sync ticks, which the rest
+//! of a repetition is locked to) a load step of
 //! 20 new connections/s starts. Measured from the step: the replica count
 //! raised (the decision) and a new pod Ready **and** in the
 //! `EndpointSlice`'s ready addresses (the reaction). Then the load stops,
@@ -29,7 +30,7 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -106,14 +107,15 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
-/// A pseudo-random duration in `[0, max)` (the clock's nanoseconds; good
-/// enough to spread the step over the ticks' phase).
-fn jitter(max: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    max.mul_f64(f64::from(nanos) / 1e9)
+/// A random duration in `[0, max)`, from the kernel's random source (not
+/// the clock: every step of a repetition is phase-locked to the agents'
+/// sampling ticks, so the clock's sub-second digits repeat).
+fn jitter(max: Duration) -> anyhow::Result<Duration> {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("read /dev/urandom")?;
+    Ok(max.mul_f64(f64::from(u32::from_ne_bytes(b)) / (f64::from(u32::MAX) + 1.0)))
 }
 
 fn stopped() -> anyhow::Result<()> {
@@ -165,7 +167,8 @@ fn rep(c: &ControlCluster, api: &Api, vip: Ipv4Addr, mode: &Mode) -> anyhow::Res
         api.get("HorizontalPodAutoscaler", "default", NAME)
             .filter(|h| condition_status(h, "ScalingActive") == "True")
     })?;
-    sleep(jitter(mode.period()))?;
+    let wait = jitter(mode.period())?;
+    sleep(wait)?;
     ensure!(replicas(api, NAME) == Some(1), "scaled with no load");
     let netns = PathBuf::from(c.cluster.nodes.first().context("a node")?.netns_path());
     let load = Load::start(netns, vip, "/", EVERY, 10_000, LOAD_LIMIT);

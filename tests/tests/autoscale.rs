@@ -170,6 +170,12 @@ fn case(
         table.contains("REFERENCE") && table.contains(&format!("Deployment/{name}")),
         "weirctl get hpa: {table}"
     );
+    let all = c.weirctl(&["get", "all"])?;
+    ensure!(
+        all.lines()
+            .any(|l| l.starts_with(&format!("horizontalpodautoscaler.autoscaling/{name}"))),
+        "weirctl get all lists the HPA:\n{all}"
+    );
     Ok(())
 }
 

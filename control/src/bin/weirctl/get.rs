@@ -43,12 +43,13 @@ pub struct GetArgs {
 }
 
 /// The kinds `get all` shows, in kubectl's order.
-const ALL: [Resource; 5] = [
+const ALL: [Resource; 6] = [
     Resource::Pod,
     Resource::Service,
     Resource::DaemonSet,
     Resource::Deployment,
     Resource::ReplicaSet,
+    Resource::HorizontalPodAutoscaler,
 ];
 
 /// Runs `get`.
