@@ -28,6 +28,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Cluster CIDR and service CIDR kept behind `unreachable` routes on the host.
 pub const GUARDED_CIDRS: [&str; 2] = ["10.244.0.0/16", "10.96.0.0/16"];
 
+/// `RUST_LOG` of the agents and controls the harness starts: `info`, or
+/// `WEIR_TEST_LOG` when set.
+fn log_level() -> String {
+    std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -419,7 +425,7 @@ impl Node {
             .arg("--log-dir")
             .arg(self.dir.join("logs"))
             .args(&self.agent_args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -898,7 +904,7 @@ impl ControlPlane {
             .arg("--store")
             .arg(&self.store)
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
