@@ -642,6 +642,7 @@ fn propagation(env: &Env, reps: usize) -> anyhow::Result<Value> {
     let mut probe_all = Vec::new();
     let mut map_all = Vec::new();
     let mut probe_each = Vec::new();
+    let mut apply_all = Vec::new();
     for rep in 0..reps {
         check_stop()?;
         let _ = env.api.delete("NetworkPolicy", NS, "deny");
@@ -690,7 +691,9 @@ fn propagation(env: &Env, reps: usize) -> anyhow::Result<Value> {
                 })
             })
             .collect();
+        let called = Instant::now();
         env.api.apply(&deny_policy())?;
+        apply_all.push(called.elapsed());
         let mut p = Vec::new();
         for t in probers {
             p.push(t.join().ok().flatten().with_context(|| {
@@ -710,9 +713,10 @@ fn propagation(env: &Env, reps: usize) -> anyhow::Result<Value> {
         probe_all.push(p.iter().copied().max().unwrap_or_default());
         map_all.push(m.iter().copied().max().unwrap_or_default());
         eprintln!(
-            "propagation rep {rep}: probe {:?} map {:?}",
+            "propagation rep {rep}: probe {:?} map {:?} (Apply call {:?})",
             probe_all.last(),
-            map_all.last()
+            map_all.last(),
+            apply_all.last()
         );
     }
     env.api.delete("NetworkPolicy", NS, "deny")?;
@@ -722,7 +726,8 @@ fn propagation(env: &Env, reps: usize) -> anyhow::Result<Value> {
         "probe_every_node": summary(probe_all),
         "probe_per_node": summary(probe_each),
         "map_every_node": summary(map_all),
-        "method": "Apply call returns → (probe) start of the first refused TCP connect from the client pod (30 ms connect timeout, every 2 ms) / (map) the server's weir_pol_ep_v1 entry has EP_F_INGRESS; per repetition the slowest of the 3 nodes",
+        "apply_call": summary(apply_all),
+        "method": "Apply call made (it returns once the store commit is durable; apply_call is its own duration) → (probe) start of the first refused TCP connect from the client pod (30 ms connect timeout, every 2 ms) / (map) the server's weir_pol_ep_v1 entry has EP_F_INGRESS; per repetition the slowest of the 3 nodes",
     }))
 }
 
