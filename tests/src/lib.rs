@@ -397,7 +397,10 @@ impl Node {
     }
 
     /// Starts weir-agent in the node's netns (the agent enters it itself).
+    /// An agent this node still runs is killed (SIGKILL) first (its pods keep
+    /// running), so two never share the node.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.kill_agent();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

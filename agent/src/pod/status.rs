@@ -119,6 +119,27 @@ fn condition(kind: &str, ok: bool, now: i64) -> PodCondition {
     }
 }
 
+/// Keeps each condition's `lastTransitionTime` from `old` while its status
+/// holds, as the kubelet does: the time says when it last changed, not
+/// when the status was last built.
+pub fn keep_transition_times(new: &mut PodStatus, old: Option<&PodStatus>) {
+    let (Some(conds), Some(old)) = (
+        new.conditions.as_mut(),
+        old.and_then(|o| o.conditions.as_ref()),
+    ) else {
+        return;
+    };
+    for c in conds {
+        if let Some(prev) = old
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
+            c.last_transition_time
+                .clone_from(&prev.last_transition_time);
+        }
+    }
+}
+
 /// Builds the `PodStatus`.
 pub fn pod_status(
     containers: &[ContainerView],
@@ -297,5 +318,32 @@ mod tests {
             .find(|c| c.type_ == "Ready")
             .expect("Ready");
         assert_eq!(ready.status, "False");
+    }
+
+    #[test]
+    fn transition_times_hold_while_the_status_holds() {
+        let v = |ready| {
+            let mut v = view(Live::Running { started_at: 1 }, 0);
+            v.ready = ready;
+            v
+        };
+        let old = pod_status(&[v(false)], None, None, 1, 100);
+        let mut new = pod_status(&[v(false)], None, None, 1, 200);
+        keep_transition_times(&mut new, Some(&old));
+        let at = |s: &PodStatus, kind: &str| {
+            s.conditions
+                .as_ref()
+                .and_then(|c| c.iter().find(|c| c.type_ == kind))
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0.as_second())
+        };
+        assert_eq!(at(&new, "Ready"), Some(100), "unchanged: kept");
+        let mut ready = pod_status(&[v(true)], None, None, 1, 300);
+        keep_transition_times(&mut ready, Some(&new));
+        assert_eq!(at(&ready, "Ready"), Some(300), "changed: now");
+        assert_eq!(at(&ready, "PodScheduled"), at(&old, "PodScheduled"));
+        let mut first = pod_status(&[v(true)], None, None, 1, 400);
+        keep_transition_times(&mut first, None);
+        assert_eq!(at(&first, "Ready"), Some(400));
     }
 }

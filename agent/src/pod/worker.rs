@@ -17,7 +17,9 @@ use tokio::{sync::mpsc, time::Instant};
 use super::{
     Msg, Shared, container_id, labels, pod_key,
     probe::{self, AbortOnDrop},
-    status::{ContainerView, Live, pod_status, restart_delay, should_restart},
+    status::{
+        ContainerView, Live, keep_transition_times, pod_status, restart_delay, should_restart,
+    },
 };
 use crate::{
     cri::{
@@ -926,18 +928,19 @@ impl Worker {
         if let Some(spec) = pod.spec.as_mut() {
             spec.node_name = Some(self.sh.cfg.node.clone());
         }
-        pod.status = Some(pod_status(
+        let mut status = pod_status(
             &views,
             self.rec.net.as_ref().map(|n| n.ip),
             self.sh.cfg.node_ip.as_deref(),
             self.rec.created_at,
             now_unix(),
-        ));
-        self.sh
-            .views
-            .write()
-            .expect("views lock poisoned")
-            .insert(self.rec.uid.clone(), pod);
+        );
+        let mut published = self.sh.views.write().expect("views lock poisoned");
+        let old = published.get(&self.rec.uid).and_then(|p| p.status.as_ref());
+        keep_transition_times(&mut status, old);
+        pod.status = Some(status);
+        published.insert(self.rec.uid.clone(), pod);
+        drop(published);
         if let Some(n) = &self.rec.net {
             self.sh
                 .ifindexes

@@ -176,6 +176,19 @@ pub fn pod_ready(pod: &Pod) -> bool {
     ready_condition(pod).is_some_and(|c| c.status == "True")
 }
 
+/// The pod's `Ready` condition as (status is True, last transition in ms
+/// since the epoch), if it has one with a transition time.
+pub fn pod_ready_transition(pod: &Pod) -> Option<(bool, i64)> {
+    let c = ready_condition(pod)?;
+    let at = c.last_transition_time.as_ref()?.0.as_millisecond();
+    Some((c.status == "True", at))
+}
+
+/// The pod's `status.startTime` in ms since the epoch, if set.
+pub fn pod_started_ms(pod: &Pod) -> Option<i64> {
+    Some(pod.status.as_ref()?.start_time.as_ref()?.0.as_millisecond())
+}
+
 /// When the pod became ready (its `Ready` condition's last transition).
 pub fn pod_ready_since(pod: &Pod) -> Option<Timestamp> {
     ready_condition(pod)

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use weir_proto::manifest::{parse_cpu_millis, parse_memory_bytes};
 
 use self::behavior::{History, Rules};
-use self::replicas::{Sample, Target};
+use self::replicas::{Readiness, Sample, Target};
 use super::cache::{self, Cache, Change};
 use super::client::Error;
 use super::queue::WorkQueue;
@@ -585,6 +585,7 @@ fn resource_metric<S: Store>(
     let name = r.name.as_str();
     let utilization = r.target.average_utilization;
     let mut samples = Vec::with_capacity(pods.len());
+    let now_ms = meta::now().as_millisecond();
     for pod in pods {
         let weight = match utilization {
             Some(_) if !ignored(pod) => pod_request(pod, name).map_err(|e| {
@@ -595,18 +596,28 @@ fn resource_metric<S: Store>(
             })?,
             _ => 1.0,
         };
-        let value = ctx
+        let sample = ctx
             .metrics
-            .pod(meta::namespace(&pod.metadata), meta::name(&pod.metadata))
-            .map(|p| {
-                if name == "cpu" {
-                    p.cpu_cores
-                } else {
-                    u64_f64(p.memory_working_set_bytes)
-                }
+            .pod(meta::namespace(&pod.metadata), meta::name(&pod.metadata));
+        let value = sample.as_ref().map(|p| {
+            if name == "cpu" {
+                p.cpu_cores
+            } else {
+                u64_f64(p.memory_working_set_bytes)
+            }
+        });
+        // Kubernetes' order: pending is unready; then no sample is missing;
+        // then, for cpu, the readiness rule on the sample.
+        let readiness = Readiness {
+            ready: meta::pod_ready_transition(pod),
+            started: meta::pod_started_ms(pod),
+        };
+        let cpu_unready = name == "cpu"
+            && sample.as_ref().is_some_and(|p| {
+                replicas::cpu_unready(readiness, p.timestamp_ms, p.window_ms, now_ms)
             });
         samples.push(Sample {
-            unready: phase(pod) == "Pending" || (name == "cpu" && !meta::pod_ready(pod)),
+            unready: phase(pod) == "Pending" || cpu_unready,
             ignored: ignored(pod),
             value,
             weight,

@@ -3,9 +3,9 @@
 //! current value over the target, within a 10 % tolerance nothing changes.
 //!
 //! Pods are grouped as Kubernetes does: terminating and failed pods are
-//! ignored; pending pods (and, for cpu, pods not Ready: Kubernetes also
-//! looks at how recently they became ready, weir only at `Ready`) are
-//! unready and their samples dropped; pods without a sample are missing.
+//! ignored; pending pods (and, for cpu, the pods [`cpu_unready`] sets
+//! aside) are unready and their samples dropped; pods without a sample are
+//! missing.
 //! When some pods are unready or missing the calculation is redone
 //! conservatively: on a scale-up missing and unready pods count as using
 //! nothing, on a scale-down missing pods count as using their whole
@@ -17,10 +17,49 @@ use super::behavior::ceil_i32;
 /// Kubernetes' default tolerance (`--horizontal-pod-autoscaler-tolerance`).
 pub const TOLERANCE: f64 = 0.1;
 
+/// Kubernetes' `--horizontal-pod-autoscaler-cpu-initialization-period`
+/// default, ms: a pod this young has its cpu sample used only when it is
+/// Ready and the sample's window lies wholly after it became Ready.
+pub const CPU_INITIALIZATION_MS: i64 = 5 * 60 * 1000;
+/// Kubernetes' `--horizontal-pod-autoscaler-initial-readiness-delay`
+/// default, ms: an older pod not Ready whose readiness last changed within
+/// this of its start has never been ready.
+pub const INITIAL_READINESS_DELAY_MS: i64 = 30 * 1000;
+
+/// A pod's readiness and start, as [`cpu_unready`] needs them (ms since
+/// the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Its `Ready` condition: (status is True, last transition), if any.
+    pub ready: Option<(bool, i64)>,
+    /// `status.startTime`, if set.
+    pub started: Option<i64>,
+}
+
+/// Whether a pod's cpu sample (taken at `sample_ms` over `window_ms`) is set
+/// aside as unready, by Kubernetes' rule (`groupPods`): with no `Ready`
+/// condition or start time, yes; within [`CPU_INITIALIZATION_MS`] of its
+/// start, when it is not Ready or the sample's window began before it
+/// became Ready (start-up CPU is not load); later, only when it is not
+/// Ready and has never been ready (its readiness last changed within
+/// [`INITIAL_READINESS_DELAY_MS`] of its start). A pod that was ready and
+/// has turned unready since is counted with its sample.
+#[must_use]
+pub fn cpu_unready(pod: Readiness, sample_ms: i64, window_ms: i64, now_ms: i64) -> bool {
+    let (Some((ready, since)), Some(started)) = (pod.ready, pod.started) else {
+        return true;
+    };
+    if started.saturating_add(CPU_INITIALIZATION_MS) > now_ms {
+        !ready || sample_ms < since.saturating_add(window_ms)
+    } else {
+        !ready && started.saturating_add(INITIAL_READINESS_DELAY_MS) > since
+    }
+}
+
 /// One pod of the target, as the calculation sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    /// Counts as unready (pending; for cpu also not Ready).
+    /// Counts as unready (pending; for cpu also [`cpu_unready`]).
     pub unready: bool,
     /// Terminating or failed: left out entirely.
     pub ignored: bool,

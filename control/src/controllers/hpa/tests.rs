@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::autoscaling::v2::{HPAScalingPolicy, HPAScalingRules};
 
 use super::behavior::{self, Args, History, Rules};
-use super::replicas::{Sample, Target, desired};
+use super::replicas::{CPU_INITIALIZATION_MS, Readiness, Sample, Target, cpu_unready, desired};
 
 fn ready(value: f64, request: f64) -> Sample {
     Sample {
@@ -216,4 +216,45 @@ fn a_noisy_metric_around_the_target_does_not_flap() {
         "{reversals} reversals: {directions:?} (ended at {replicas})"
     );
     assert!((4..=6).contains(&replicas), "ended at {replicas}");
+}
+
+#[test]
+fn cpu_readiness_follows_kubernetes_group_pods() {
+    let (s, min) = (1000, 60_000);
+    let pod = |ready: Option<(bool, i64)>, started: Option<i64>| Readiness { ready, started };
+    let now = 1_000_000;
+    // No condition or no start time: unready.
+    assert!(cpu_unready(pod(None, Some(now - min)), now, s, now));
+    assert!(cpu_unready(pod(Some((true, now - min)), None), now, s, now));
+    // Young pod (inside the initialization period).
+    let young = now - min;
+    assert!(
+        cpu_unready(pod(Some((false, young)), Some(young)), now, s, now),
+        "not Ready"
+    );
+    let became_ready = now - 500;
+    assert!(
+        cpu_unready(pod(Some((true, became_ready)), Some(young)), now, s, now),
+        "sample window began before it became Ready: start-up CPU"
+    );
+    assert!(
+        !cpu_unready(pod(Some((true, now - 2 * s)), Some(young)), now, s, now),
+        "a whole window after it became Ready"
+    );
+    // Older pod.
+    let old = now - CPU_INITIALIZATION_MS - min;
+    assert!(
+        !cpu_unready(pod(Some((false, now - min)), Some(old)), now, s, now),
+        "was ready, turned unready since: counted"
+    );
+    assert!(
+        cpu_unready(pod(Some((false, old + 10 * s)), Some(old)), now, s, now),
+        "never ready (last change within 30 s of its start)"
+    );
+    assert!(!cpu_unready(
+        pod(Some((true, old + 10 * s)), Some(old)),
+        now,
+        s,
+        now
+    ));
 }

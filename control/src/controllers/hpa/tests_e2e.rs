@@ -120,7 +120,11 @@ fn agent(
             let pods: Vec<Pod> = list(&api, "Pod", ns).await;
             let active: Vec<&Pod> = pods.iter().filter(|p| meta::pod_active(p)).collect();
             for pod in active.iter().filter(|p| !meta::pod_ready(p)) {
-                let status = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+                // Started and Ready now, as an agent reports it: the HPA
+                // counts its cpu from the first sample after that.
+                let now = meta::now().to_string();
+                let status = json!({"phase": "Running", "startTime": now,
+                    "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]});
                 let _ = api
                     .update_status(&v1::UpdateStatusRequest {
                         r#ref: Some(v1::ObjectRef {
@@ -141,6 +145,7 @@ fn agent(
                     namespace: ns.into(),
                     name: meta::name(&p.metadata).into(),
                     cpu_cores: share,
+                    timestamp_ms: meta::now().as_millisecond(),
                     window_ms: 100,
                     ..v1::PodMetrics::default()
                 })
