@@ -316,9 +316,18 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+impl Containerd {
+    /// Ends containerd and its shims, unmounts what it left under its
+    /// directory and removes it (once; nothing for a detached one).
+    pub fn shut_down(&mut self) {
         if self.detached {
             return;
         }
+        self.detached = true;
         self.kill();
         // Shims of this containerd outlive it: end them too.
         sh_quiet(
@@ -808,7 +817,22 @@ impl Drop for Cluster {
         for cidr in &self.added_guards {
             sh_quiet("ip", &["route", "del", "unreachable", cidr]);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Its containerd (when private) lives under the directory: end it
+        // and its mounts first, then retry a little, and say so if it stays.
+        self.containerd.shut_down();
+        let mut last = None;
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => return,
+                Err(_) if !self.dir.exists() => return,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "cluster teardown: could not remove {}: {last:?}",
+            self.dir.display()
+        );
     }
 }
 
@@ -1173,6 +1197,35 @@ pub fn remove_cgroup_tree(dir: &Path) {
                 remove_cgroup_tree(&e.path());
             }
         }
+    }
+    // A process still in it is a container the agent failed to stop: it
+    // goes by force (and is named, so the leak is seen), or the cgroup
+    // and the test's directories stay busy.
+    let procs = |d: &Path| -> Vec<i32> {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let left = procs(dir);
+    if !left.is_empty() {
+        eprintln!(
+            "cluster teardown: killing processes left in {}: {left:?}",
+            dir.display()
+        );
+        for pid in &left {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = wait_for_every(
+            "killed processes gone",
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || procs(dir).is_empty().then_some(()),
+        );
     }
     let _ = std::fs::remove_dir(dir);
 }
