@@ -406,10 +406,7 @@ impl Node {
     }
 
     /// Starts weir-agent in the node's netns (the agent enters it itself).
-    /// An agent this node still runs is killed (SIGKILL) first (its pods keep
-    /// running), so two never share the node.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
-        self.kill_agent();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -842,8 +839,8 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Where it serves `/metrics` (`--metrics-listen`, a free port on the
-    /// same address unless the args name one).
+    /// Where it serves `/metrics` (`--metrics-listen` when the args name
+    /// it, else the control's default 0.0.0.0:7444).
     pub metrics_addr: SocketAddr,
     /// Its redb file (or the `--store` given, e.g. `etcd://…`).
     pub store: PathBuf,
@@ -874,16 +871,18 @@ impl ControlPlane {
                 .map(|a| a.port())
         };
         let port = free_port()?;
-        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let metrics_addr = if let Some(i) = args.iter().position(|a| a == "--metrics-listen") {
-            args.get(i + 1)
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| SocketAddr::from((ip, 0)))
-        } else {
-            let a = SocketAddr::from((ip, free_port()?));
-            args.extend(["--metrics-listen".to_owned(), a.to_string()]);
-            a
-        };
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        // Only a test that scrapes it names `--metrics-listen`; the others
+        // leave the control's default. (Giving every test control its own
+        // address on the bridge made the services conformance test lose
+        // node 2's connection to the control when it ran right after
+        // tests/cluster.rs — not understood yet.)
+        let metrics_addr = args
+            .iter()
+            .position(|a| a == "--metrics-listen")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
         let mut me = Self {
             child: None,
             addr: SocketAddr::from((ip, port)),

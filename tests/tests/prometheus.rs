@@ -166,7 +166,17 @@ fn top_millicores(table: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn prometheus_scrapes_agent_and_control_and_answers_promql_about_a_pod() -> anyhow::Result<()> {
-    let mut c = ControlCluster::new("mp", 62, 1, &["--heartbeat-interval", "1s"])?;
+    let mut c = ControlCluster::new(
+        "mp",
+        62,
+        1,
+        &[
+            "--heartbeat-interval",
+            "1s",
+            "--metrics-listen",
+            "10.250.62.1:7449",
+        ],
+    )?;
     c.start_agents()?;
     let r = scrape_and_query(&c);
     r.map_err(|e| e.context(c.log_tails(30)))
