@@ -873,10 +873,7 @@ impl ControlPlane {
         let port = free_port()?;
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         // Only a test that scrapes it names `--metrics-listen`; the others
-        // leave the control's default. (Giving every test control its own
-        // address on the bridge made the services conformance test lose
-        // node 2's connection to the control when it ran right after
-        // tests/cluster.rs — not understood yet.)
+        // leave the control's default.
         let metrics_addr = args
             .iter()
             .position(|a| a == "--metrics-listen")
