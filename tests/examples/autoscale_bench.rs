@@ -239,12 +239,7 @@ fn run_mode(mode: &Mode, reps: usize) -> anyhow::Result<Value> {
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     let body = || -> anyhow::Result<Value> {
-        for n in c.node_names() {
-            wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-                api.get("Node", "", &n)
-                    .filter(|o| condition_status(o, "Ready") == "True")
-            })?;
-        }
+        api.wait_nodes_ready(&c.node_names())?;
         api.apply(&deployment(NAME))?;
         let svc = api.apply(&service(NAME))?;
         let svc: Value = serde_json::from_str(&svc.json)?;

@@ -122,6 +122,18 @@ impl Api {
         })
     }
 
+    /// Waits (30 s each) until every node of `names` is `Ready` in the
+    /// control.
+    pub fn wait_nodes_ready(&self, names: &[String]) -> anyhow::Result<()> {
+        for n in names {
+            wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
+                self.get("Node", "", n)
+                    .filter(|o| condition_status(o, "Ready") == "True")
+            })?;
+        }
+        Ok(())
+    }
+
     /// Waits until the control has pod `name` Running and Ready with an IP.
     pub fn wait_running(&self, name: &str, limit: Duration) -> anyhow::Result<(Value, Ipv4Addr)> {
         let p = self.wait_pod(name, "Running and Ready with a podIP", limit, |p| {

@@ -185,12 +185,7 @@ fn hpa_scales_on_cpu_and_on_new_connections() -> anyhow::Result<()> {
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     let run = || -> anyhow::Result<()> {
-        for n in c.node_names() {
-            wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-                api.get("Node", "", &n)
-                    .filter(|o| condition_status(o, "Ready") == "True")
-            })?;
-        }
+        api.wait_nodes_ready(&c.node_names())?;
         // ~50 ms of CPU per request, 10 requests/s: ~0.5 core on one pod
         // against 100m requested, far over the 50 % target.
         let cpu = json!({"type": "Resource", "resource": {"name": "cpu",

@@ -318,12 +318,7 @@ fn sig_network_services_conformance() -> anyhow::Result<()> {
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     let nodes = c.node_names();
-    for n in &nodes {
-        wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-            api.get("Node", "", n)
-                .filter(|o| condition_status(o, "Ready") == "True")
-        })?;
-    }
+    api.wait_nodes_ready(&nodes)?;
     let node_ips = c.cluster.nodes.iter().map(|n| n.ip).collect();
     let outside = BridgeClient::new(&c.cluster, Ipv4Addr::new(10, 250, SUBNET, 200))?;
     let mut env = Env {

@@ -249,12 +249,7 @@ fn pods_resolve_services_by_name() -> anyhow::Result<()> {
     let mut c = ControlCluster::new("dn", 59, 2, CONTROL_ARGS)?;
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
-    for n in c.node_names() {
-        wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-            api.get("Node", "", &n)
-                .filter(|o| condition_status(o, "Ready") == "True")
-        })?;
-    }
+    api.wait_nodes_ready(&c.node_names())?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(&weir_tests::web_deployment(2))?;
     c.weirctl_apply(WEB_SVC)?;

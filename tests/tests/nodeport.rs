@@ -377,12 +377,7 @@ fn node_port_services_balance_with_maglev() -> anyhow::Result<()> {
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     let nodes = c.node_names();
-    for n in &nodes {
-        wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-            api.get("Node", "", n)
-                .filter(|o| condition_status(o, "Ready") == "True")
-        })?;
-    }
+    api.wait_nodes_ready(&nodes)?;
     let client_ip = Ipv4Addr::new(10, 250, SUBNET, 200);
     let client = ClientNs::new(&format!("wt{TAG}br"), client_ip)?;
     c.weirctl_apply(&web_pods(&nodes))?;

@@ -722,12 +722,7 @@ fn cluster_ip_services_balance_real_traffic() -> anyhow::Result<()> {
     let mut c = ControlCluster::new("se", 57, 3, CONTROL_ARGS)?;
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
-    for n in c.node_names() {
-        wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-            api.get("Node", "", &n)
-                .filter(|o| condition_status(o, "Ready") == "True")
-        })?;
-    }
+    api.wait_nodes_ready(&c.node_names())?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
 

@@ -109,17 +109,6 @@ fn nodes_of(pods: &[Value]) -> BTreeMap<String, usize> {
     m
 }
 
-/// Waits until every node is Ready in the control.
-fn wait_nodes_ready(api: &Api, names: &[String]) -> anyhow::Result<()> {
-    for n in names {
-        wait_for(&format!("node {n} Ready"), Duration::from_secs(30), || {
-            api.get("Node", "", n)
-                .filter(|o| condition_status(o, "Ready") == "True")
-        })?;
-    }
-    Ok(())
-}
-
 /// A Deployment of busybox httpd pods answering `web-<version>` on
 /// [`PORT`]; `extra` is added to the pod spec (indented 6 spaces).
 fn web_deployment(name: &str, replicas: u32, version: &str, extra: &str) -> String {
@@ -499,7 +488,7 @@ fn deployment_spreads_scales_rolls_out_under_probes_and_rolls_back() -> anyhow::
     let mut c = ControlCluster::new("wa", 51, 3, CONTROL_ARGS)?;
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
-    wait_nodes_ready(&api, &c.node_names())?;
+    api.wait_nodes_ready(&c.node_names())?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
     let six = deployment_spreads_and_answers(&c, &api, &clients)?;
@@ -813,7 +802,7 @@ fn nodes_cordon_drain_fail_recover_and_the_control_restarts() -> anyhow::Result<
     let mut c = ControlCluster::new("wb", 52, 3, CONTROL_ARGS)?;
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
-    wait_nodes_ready(&api, &c.node_names())?;
+    api.wait_nodes_ready(&c.node_names())?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(&web_deployment("web", 6, "v1", ""))?;
     let clients = clients(&c, &api)?;
@@ -833,7 +822,7 @@ fn control_on_etcd_runs_pods_and_restarts_without_losing_them() -> anyhow::Resul
     let mut c = ControlCluster::with_store("wd", 54, 3, Some(&etcd.store_url()), CONTROL_ARGS)?;
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
-    wait_nodes_ready(&api, &c.node_names())?;
+    api.wait_nodes_ready(&c.node_names())?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     c.weirctl_apply(&web_deployment("web", 3, "v1", ""))?;
     let clients = clients(&c, &api)?;
@@ -1003,7 +992,7 @@ fn taints_affinity_and_daemonsets_place_pods_where_the_manifests_say() -> anyhow
     c.start_agents()?;
     let api = Api::connect(&c.control.url())?;
     let names = c.node_names();
-    wait_nodes_ready(&api, &names)?;
+    api.wait_nodes_ready(&names)?;
     c.weirctl_apply(weir_tests::CLIENT_DS)?;
     let clients = clients(&c, &api)?;
     taints_and_node_affinity(&c, &api, &names)?;
