@@ -312,15 +312,7 @@ impl Containerd {
         all.extend_from_slice(args);
         sh("ctr", &all)
     }
-}
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl Containerd {
     /// Ends containerd and its shims, unmounts what it left under its
     /// directory and removes it (once; nothing for a detached one).
     pub fn shut_down(&mut self) {
@@ -353,6 +345,12 @@ impl Containerd {
             sh_quiet("umount", &["-l", m]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 
@@ -864,13 +862,10 @@ impl ControlPlane {
         args: &[&str],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let free_port = || {
-            std::net::TcpListener::bind((ip, 0))
-                .and_then(|l| l.local_addr())
-                .with_context(|| format!("find a free port on {ip}"))
-                .map(|a| a.port())
-        };
-        let port = free_port()?;
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .with_context(|| format!("find a free port on {ip}"))?
+            .port();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         // Only a test that scrapes it names `--metrics-listen`; the others
         // leave the control's default.
