@@ -608,12 +608,12 @@ fn resource_metric<S: Store>(
         });
         // Kubernetes' order: pending is unready; then no sample is missing;
         // then, for cpu, the readiness rule on the sample.
-        let readiness = Readiness {
-            ready: meta::pod_ready_transition(pod),
-            started: meta::pod_started_ms(pod),
-        };
         let cpu_unready = name == "cpu"
             && sample.as_ref().is_some_and(|p| {
+                let readiness = Readiness {
+                    ready: meta::pod_ready_transition(pod),
+                    started: meta::pod_started_ms(pod),
+                };
                 replicas::cpu_unready(readiness, p.timestamp_ms, p.window_ms, now_ms)
             });
         samples.push(Sample {
